@@ -1,0 +1,289 @@
+"""The grain input pipeline: training batches, evaluation batches, and building the data.
+
+Training stream, per record: shuffle (config.seed, reshuffled every epoch) → repeat forever →
+decode → joint augmentation → resize → normalise, then every JAX process takes its stride of the
+stream and batches it (dropping nothing: the stream is infinite). Records are computed lazily,
+so a process only decodes its own; their random draws come from grain's per-record seed (the
+record's position in the global stream), so batches do not depend on the number of worker
+processes, and augmentation does not depend on the number of JAX processes.
+
+The batched stream is random-access, so an iterator's state is just the number of batches it has
+handed out; restoring rebuilds the stream from there (with any worker count).
+
+Reading needs neither TensorFlow nor the builder's inputs, only the built ArrayRecord files;
+building (`prepare`) renders or reads the sources once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterator
+
+import grain
+import ml_collections
+import numpy as np
+from absl import flags
+
+from dmjax import config as dmjax_config
+from dmjax.data import augment, sources, tfds_builder
+
+_BG_MEAN = np.array(dmjax_config.BG_MEAN, np.float32)
+_BG_STD = np.array(dmjax_config.BG_STD, np.float32)
+_FG_BG_MEAN = np.array(dmjax_config.FG_BG_MEAN, np.float32)
+_FG_BG_STD = np.array(dmjax_config.FG_BG_STD, np.float32)
+# uint8 photo → normalised float as one multiply-add: (v / 255 − mean) / std.
+_NORMALIZE = {"bg": (1.0 / (255.0 * _BG_STD), -_BG_MEAN / _BG_STD),
+              "fg_bg": (1.0 / (255.0 * _FG_BG_STD), -_FG_BG_MEAN / _FG_BG_STD)}
+
+
+def prepare(config: ml_collections.ConfigDict) -> None:
+  """Builds the dataset `config.data` names unless it is built already (shows progress)."""
+  source = sources.get_source(config)
+  source.builder.download_and_prepare(file_format="array_record",
+                                      download_config=source.download_config)
+
+
+def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
+  source = _built_source(config, split)
+  return source.builder.info.splits[split].num_examples
+
+
+def denormalize(batch: dict) -> tuple[np.ndarray, np.ndarray]:
+  """(bg, fg_bg) of a batch back in [0, 1], e.g. for image grids and the baselines."""
+  bg = np.clip(np.asarray(batch["bg"]) * _BG_STD + _BG_MEAN, 0.0, 1.0)
+  fg_bg = np.clip(np.asarray(batch["fg_bg"]) * _FG_BG_STD + _FG_BG_MEAN, 0.0, 1.0)
+  return bg, fg_bg
+
+
+def create_train_iterator(config: ml_collections.ConfigDict, *, process_index: int | None = None,
+                          process_count: int | None = None) -> TrainIterator:
+  """An endless iterator of this process's training batches, checkpointable with grain's
+  CheckpointHandler (`get_state()` → bytes, `set_state(bytes)`, `start_prefetch()`).
+
+  Batches: `bg`, `fg_bg` float32 (b, R, R, 3) normalised with the channel statistics of
+  dmjax.config; `mask`, `depth` float32 (b, R, R, 1) in [0, 1]; b = batch_size / process_count.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  local_batch_size = _local_batch_size(config.batch_size, process_count, "config.batch_size")
+  source = _built_source(config, "train")
+  records = grain.MapDataset.source(_data_source(source, "train"))
+  records = records.shuffle(seed=config.seed).repeat()
+  records = records.map(DecodeExample())
+  records = records.random_map(
+      PrepareExample.from_config(config.data, augmentation=True), seed=config.seed)
+  batches = records[process_index::process_count].batch(local_batch_size, drop_remainder=True)
+  identity = {"dataset": source.name, "seed": config.seed, "batch_size": local_batch_size,
+              "process_index": process_index, "process_count": process_count}
+  return TrainIterator(batches, identity, num_workers=config.data.num_workers,
+                       prefetch=config.data.prefetch)
+
+
+def create_eval_batches(config: ml_collections.ConfigDict, split: str, num_examples: int = -1,
+                        batch_size: int | None = None, *, process_index: int | None = None,
+                        process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """This process's batches of the first `num_examples` (-1: all) examples of `split`, in order.
+
+  No augmentation; resized and normalised like training. Global batch k holds examples
+  [k·B, (k+1)·B), process p its p-th slice of B / process_count. Every batch carries
+  `example_weight` (b,) float32: 1 for real examples, 0 for the padding (copies of the last
+  example) that fills the last batch, so all processes yield the same number of batches.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  global_batch_size = batch_size or config.eval_batch_size
+  local_batch_size = _local_batch_size(global_batch_size, process_count,
+                                       "the evaluation batch size")
+  source = _built_source(config, split)
+  data_source = _data_source(source, split)
+  total = len(data_source) if num_examples < 0 else min(num_examples, len(data_source))
+  num_batches = math.ceil(total / global_batch_size)
+  slots = grain.MapDataset.range(num_batches * local_batch_size)
+  slots = slots.map(_EvalSlot(data_source, total, global_batch_size, local_batch_size,
+                              process_index))
+  examples = slots.map(DecodeAndPrepareEvalExample(
+      PrepareExample.from_config(config.data, augmentation=False)))
+  batches = examples.batch(local_batch_size)
+  return iter(batches.to_iter_dataset(_read_options(config.data.prefetch)))
+
+
+class DecodeExample(grain.transforms.Map):
+  """Raw image bytes from the data source → the stored format of dmjax.data.schema."""
+
+  def map(self, element: dict[str, bytes]) -> dict[str, np.ndarray]:
+    return tfds_builder.decode_example(element)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareExample(grain.transforms.RandomMap):
+  """Stored format → model inputs: augmented (if set), resized, normalised, float32."""
+
+  resolution: int
+  settings: augment.AugmentSettings | None
+  binarize_mask: bool
+
+  @classmethod
+  def from_config(cls, data_config: ml_collections.ConfigDict, *,
+                  augmentation: bool) -> PrepareExample:
+    settings = augment.AugmentSettings.from_config(data_config.augment) if augmentation else None
+    return cls(resolution=int(data_config.resolution), settings=settings,
+               binarize_mask=bool(data_config.binarize_mask))
+
+  def random_map(self, element: dict[str, np.ndarray],
+                 rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    out = augment.augment_example(element, rng, self.settings, self.resolution)
+    for key, (scale, offset) in _NORMALIZE.items():
+      photo = out[key].astype(np.float32)
+      photo *= scale
+      photo += offset
+      out[key] = photo
+    if self.binarize_mask:
+      out["mask"] = (out["mask"] > 0.5).astype(np.float32)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalSlot(grain.transforms.Map):
+  """Slot i of this process's evaluation batches → (raw example, weight)."""
+
+  data_source: object
+  total: int
+  global_batch_size: int
+  local_batch_size: int
+  process_index: int
+
+  def map(self, slot: int) -> tuple[dict[str, bytes], float]:
+    batch, offset = divmod(int(slot), self.local_batch_size)
+    index = batch * self.global_batch_size + self.process_index * self.local_batch_size + offset
+    is_real = index < self.total
+    return self.data_source[min(index, self.total - 1)], float(is_real)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeAndPrepareEvalExample(grain.transforms.Map):
+  prepare_example: PrepareExample
+
+  def map(self, element: tuple[dict[str, bytes], float]) -> dict[str, np.ndarray]:
+    raw, weight = element
+    out = self.prepare_example.random_map(tfds_builder.decode_example(raw), None)
+    out["example_weight"] = np.float32(weight)
+    return out
+
+
+class TrainIterator:
+  """The training batches from a position on, with the position as its checkpoint state.
+
+  The interface of grain's DataLoaderIterator (what grain.checkpoint.CheckpointHandler and
+  orbax save and restore): `get_state()` returns JSON bytes, `set_state(bytes)` continues from
+  there. The state also records what the stream is (dataset, seed, batch size, process), and a
+  state from a different stream is refused rather than silently continued.
+  """
+
+  def __init__(self, batches: grain.MapDataset, identity: dict, *, num_workers: int,
+               prefetch: int):
+    self._batches = batches
+    self._identity = identity
+    self._num_workers = num_workers
+    self._prefetch = prefetch
+    self._next_batch = 0
+    self._iterator = None  # Started on first use, so set_state before it costs no workers.
+
+  def __iter__(self) -> TrainIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:
+      self._start()
+    batch = next(self._iterator)
+    self._next_batch += 1
+    # Worker batches arrive in shared memory that lives as long as they do; hand out plain
+    # arrays so callers can keep them and get the same types with or without workers.
+    return {key: np.array(value) for key, value in batch.items()}
+
+  def _start(self) -> None:
+    dataset = self._batches[self._next_batch:].to_iter_dataset(_read_options(self._prefetch))
+    if self._num_workers > 0:
+      _accept_grain_flag_defaults()
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self._num_workers, per_worker_buffer_size=max(self._prefetch, 1)))
+    self._iterator = iter(dataset)
+
+  def start_prefetch(self) -> None:
+    """Starts the workers and their prefetching now rather than at the first batch."""
+    if self._iterator is None:
+      self._start()
+    self._iterator.start_prefetch()
+
+  def get_state(self) -> bytes:
+    return json.dumps({"next_batch": self._next_batch, **self._identity}, indent=2).encode()
+
+  def set_state(self, state: bytes) -> None:
+    restored = json.loads(state.decode() if isinstance(state, bytes) else state)
+    differing = {k: (restored.get(k), v) for k, v in self._identity.items()
+                 if restored.get(k) != v}
+    if differing:
+      shown = ", ".join(f"{k}: saved {saved!r}, now {now!r}" for k, (saved, now) in
+                        differing.items())
+      raise ValueError(f"the saved data iterator state is for a different stream ({shown})")
+    self.close()
+    self._next_batch = int(restored["next_batch"])
+
+  def seek(self, next_batch: int) -> None:
+    """Continues from batch `next_batch` of this stream.
+
+    Local batch k of every process is its share of global batch k, whatever the number of
+    processes; so a run restored on another number of processes seeks to its step.
+    """
+    self.close()
+    self._next_batch = int(next_batch)
+
+  def close(self) -> None:
+    """Stops the worker processes, if any."""
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
+
+
+def _built_source(config: ml_collections.ConfigDict, split: str) -> sources.Source:
+  source = sources.get_source(config)
+  if not source.builder.is_prepared():
+    raise ValueError(f"dataset {source.name} is not built in {source.builder.data_dir}; call "
+                     "dmjax.data.pipeline.prepare(config) first (config.data.tfds_dir says where)")
+  if split not in source.builder.info.splits:
+    raise ValueError(f"dataset {source.name} has no split {split!r}; it has "
+                     f"{sorted(source.builder.info.splits)}")
+  return source
+
+
+def _data_source(source: sources.Source, split: str):
+  return source.builder.as_data_source(split, decoders=tfds_builder.RAW_DECODERS)
+
+
+def _read_options(prefetch: int) -> grain.ReadOptions:
+  # Grain's default keeps 500 elements ready; ours are whole batches, so keep `prefetch`, made by
+  # as many threads (PIL decodes and resizes outside the GIL).
+  return grain.ReadOptions(num_threads=max(prefetch, 1), prefetch_buffer_size=max(prefetch, 1))
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # Here, not at the top: grain workers import this module and need no JAX.
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+  return process_index, process_count
+
+
+def _local_batch_size(global_batch_size: int, process_count: int, what: str) -> int:
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f"{what}={global_batch_size} is not a positive multiple of the "
+                     f"{process_count} JAX processes")
+  return global_batch_size // process_count
+
+
+def _accept_grain_flag_defaults() -> None:
+  # Grain reads its absl flags when it starts worker processes; outside an absl app (tests,
+  # notebooks) they are unparsed and reading them raises, so take their defaults.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()

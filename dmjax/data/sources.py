@@ -1,0 +1,77 @@
+"""The data sources `config.data.source` can name, each a TFDS builder and its splits."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import ml_collections
+import tensorflow_datasets as tfds
+
+from dmjax.data import tfds_builder
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where a source's examples live: its builder (name + config) and how to build it."""
+
+  builder: tfds.core.DatasetBuilder
+  splits: tuple[str, ...]
+  download_config: tfds.download.DownloadConfig
+
+  @property
+  def name(self) -> str:
+    """`dataset/config`, enough to tell two built datasets apart."""
+    return f"{self.builder.name}/{self.builder.builder_config.name}"
+
+
+def _download_config(**kwargs) -> tfds.download.DownloadConfig:
+  # TFDS's statistics pass reads everything back through tf.data: slow, and needs TensorFlow.
+  return tfds.download.DownloadConfig(
+      compute_stats=tfds.download.ComputeStatsMode.SKIP, **kwargs)
+
+
+def _data_dir(config: ml_collections.ConfigDict) -> str | None:
+  return config.data.tfds_dir or None  # None: TFDS's default (~/tensorflow_datasets).
+
+
+_builders: dict[tuple, tfds.core.DatasetBuilder] = {}
+
+
+def _builder(builder_class: type[tfds.core.DatasetBuilder], builder_config: tfds.core.BuilderConfig,
+             data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """One builder per dataset and process: TFDS logs a warning for each custom-config builder it
+  makes, and the trainer asks for the source at every evaluation."""
+  key = (builder_class.__name__, builder_config.name, data_dir)
+  if key not in _builders:
+    _builders[key] = builder_class(config=builder_config, data_dir=data_dir)
+  return _builders[key]
+
+
+def synthetic_source(config: ml_collections.ConfigDict) -> Source:
+  builder = _builder(tfds_builder.DmjaxSynthetic,
+                     tfds_builder.SyntheticConfig.from_config(config.data), _data_dir(config))
+  return Source(builder=builder, splits=tfds_builder.SPLITS, download_config=_download_config())
+
+
+def seed_source(config: ml_collections.ConfigDict) -> Source:
+  builder = _builder(tfds_builder.DmjaxSeed, tfds_builder.SeedConfig.from_config(config),
+                     _data_dir(config))
+  manual_dir = tfds_builder.seed_manual_dir(config.data.dir)
+  return Source(builder=builder, splits=tfds_builder.SPLITS,
+                download_config=_download_config(manual_dir=manual_dir))
+
+
+SOURCES: dict[str, Callable[[ml_collections.ConfigDict], Source]] = {
+    "synthetic": synthetic_source,
+    "seed": seed_source,
+}
+
+
+def get_source(config: ml_collections.ConfigDict) -> Source:
+  """The source `config.data.source` names."""
+  factory = SOURCES.get(config.data.source)
+  if factory is None:
+    raise ValueError(f"config.data.source={config.data.source!r} is not a known data source; "
+                     f"known: {sorted(SOURCES)}")
+  return factory(config)

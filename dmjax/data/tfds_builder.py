@@ -1,0 +1,189 @@
+"""TFDS builders that store the synthetic scenes and the seed layout as ArrayRecord files.
+
+Every image is stored encoded, and encoded here with PIL: PNG for rendered scenes and for depth,
+the seed's own JPEG bytes where they already decode to the stored format. So neither building
+nor reading needs TensorFlow. Readers ask TFDS for the raw bytes (`RAW_DECODERS`) and decode
+with `decode_example`, because TFDS decodes uint16 PNGs with NumPy only through OpenCV; PIL also
+makes the decoded pixels the same on every machine.
+
+Config names encode every setting that changes the data, so different settings never share a
+directory: `dmjax_synthetic/r80_n12000_t1000_s0`, `dmjax_seed/image_t30_s0_<hash of the folder
+and layout>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from dmjax.data import schema, seed_layout, synthetic
+
+SPLITS = ("train", "test")
+RAW_DECODERS = {key: tfds.decode.SkipDecoding() for key in schema.KEYS}
+
+# Below this many examples per process, starting the processes costs more than it saves.
+_MIN_EXAMPLES_PER_PROCESS = 256
+_CITATION = "dmjax: foreground mask and dense depth from a (background, composite) photo pair."
+
+
+def _features() -> tfds.features.FeaturesDict:
+  return tfds.features.FeaturesDict({
+      "bg": tfds.features.Image(shape=(None, None, 3), doc="The background photo."),
+      "fg_bg": tfds.features.Image(shape=(None, None, 3),
+                                   doc="The composite: an object over the same background."),
+      "mask": tfds.features.Image(shape=(None, None, 1), doc="The object's alpha, 0..255."),
+      "depth": tfds.features.Image(
+          shape=(None, None, 1), dtype=np.uint16, encoding_format="png",
+          doc="Depth d in [0, 1] as round(d * 65535); 0 = nearest (dmjax.data.schema)."),
+  })
+
+
+def encode_example(example: dict[str, np.ndarray]) -> dict[str, bytes]:
+  """A stored-format example (dmjax.data.schema) as PNG bytes per image."""
+  return {key: seed_layout.encode_png(example[key]) for key in schema.KEYS}
+
+
+def decode_example(encoded: dict[str, bytes]) -> dict[str, np.ndarray]:
+  """Raw bytes from the data source back to the stored format of dmjax.data.schema."""
+  out = {}
+  for key in schema.KEYS:
+    with Image.open(io.BytesIO(encoded[key])) as image:
+      if key in schema.IMAGE_KEYS:
+        out[key] = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+      elif key == "mask":
+        out[key] = np.asarray(image if image.mode == "L" else image.convert("L"))[..., None]
+      else:
+        out[key] = np.asarray(image).astype(np.uint16, copy=False)[..., None]
+  return out
+
+
+@dataclasses.dataclass
+class SyntheticConfig(tfds.core.BuilderConfig):
+  """The rendered scenes of `dmjax.data.synthetic` at one setting."""
+
+  resolution: int = 80
+  num_train: int = 12_000
+  num_test: int = 1_000
+  scene_seed: int = 0
+
+  @classmethod
+  def from_config(cls, data_config: ml_collections.ConfigDict) -> SyntheticConfig:
+    settings = data_config.synthetic
+    name = (f"r{settings.resolution}_n{settings.num_train}_t{settings.num_test}"
+            f"_s{settings.seed}")
+    return cls(name=name, resolution=int(settings.resolution),
+               num_train=int(settings.num_train), num_test=int(settings.num_test),
+               scene_seed=int(settings.seed),
+               description=f"Synthetic scenes rendered at {settings.resolution} px.")
+
+
+class DmjaxSynthetic(tfds.core.GeneratorBasedBuilder):
+  """Synthetic (bg, fg_bg, mask, depth) scenes; example k of a split is
+  `synthetic.render_example(split, k)`, stored in that order."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(features=_features(), disable_shuffling=True,
+                                          citation=_CITATION)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    config = self.builder_config
+    return {"train": self._generate_examples("train", config.num_train),
+            "test": self._generate_examples("test", config.num_test)}
+
+  def _generate_examples(self, split: str, num_examples: int):
+    config = self.builder_config
+    tasks = ((split, index, config.resolution, config.scene_seed) for index in range(num_examples))
+    num_processes = min(len(os.sched_getaffinity(0)), num_examples // _MIN_EXAMPLES_PER_PROCESS)
+    if num_processes <= 1:
+      yield from enumerate(map(_render_encoded, tasks))
+      return
+    # Rendering is the slow part of a build (hours for the seed-sized set on one core). Spawned,
+    # not forked: the parent may already run JAX or TensorFlow threads.
+    with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
+      yield from enumerate(pool.imap(_render_encoded, tasks, chunksize=8))
+
+
+def _render_encoded(task: tuple[str, int, int, int]) -> dict[str, bytes]:
+  split, index, resolution, seed = task
+  return encode_example(synthetic.render_example(split, index, resolution=resolution, seed=seed))
+
+
+@dataclasses.dataclass
+class SeedConfig(tfds.core.BuilderConfig):
+  """The seed layout found in one folder, split one way."""
+
+  split: str = "image"
+  test_fraction: float = 0.3
+  split_seed: int = 0
+  layout_json: str = "{}"  # config.data.seed_layout as JSON (a dataclass field must be hashable).
+  root_name: str = ""  # When config.data.dir is a zip: its name inside the manual_dir.
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> SeedConfig:
+    data = config.data
+    layout = data.seed_layout
+    if not data.dir:
+      raise ValueError("config.data.source='seed' needs config.data.dir: the folder (or zip) "
+                       "holding the seed layout")
+    layout_json = json.dumps(layout.to_dict(), sort_keys=True)
+    where = os.path.normpath(data.dir)
+    digest = hashlib.sha256(f"{where}\n{layout_json}".encode()).hexdigest()[:10]
+    fraction = f"{layout.test_fraction * 100:g}".replace(".", "p")
+    return cls(name=f"{layout.split}_t{fraction}_s{config.seed}_{digest}", split=layout.split,
+               test_fraction=float(layout.test_fraction), split_seed=int(config.seed),
+               layout_json=layout_json,
+               root_name=os.path.basename(where) if os.path.isfile(where) else "",
+               description=f"The seed layout in {where}, split by {layout.split}.")
+
+  @property
+  def layout(self) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(json.loads(self.layout_json))
+
+
+def seed_manual_dir(data_dir: str) -> str:
+  """The folder TFDS is told to read by hand: config.data.dir, or the folder of its zip."""
+  where = os.path.normpath(data_dir)
+  return os.path.dirname(where) if os.path.isfile(where) else where
+
+
+class DmjaxSeed(tfds.core.GeneratorBasedBuilder):
+  """The seed dataset (SPEC §4) in the layout users bring, paired and checked."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+  Set config.data.dir to the folder holding bg/, bg_fg/, mask/ and depth/ (unpacked, or inside
+  zips in that folder, or a single zip); folder names and file-name patterns come from
+  config.data.seed_layout."""
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(features=_features(), disable_shuffling=True,
+                                          citation=_CITATION)
+
+  def _split_generators(self, dl_manager):
+    config = self.builder_config
+    root = os.fspath(dl_manager.manual_dir)
+    if config.root_name:
+      root = os.path.join(root, config.root_name)
+    layout = seed_layout.SeedLayout(root, config.layout)
+    splits = seed_layout.split_composites(layout.composites, config.split, config.test_fraction,
+                                          config.split_seed)
+    return {name: self._generate_examples(layout, composites)
+            for name, composites in splits.items()}
+
+  def _generate_examples(self, layout: seed_layout.SeedLayout, composites):
+    for composite, encoded in layout.encoded_examples(composites):
+      yield composite.key, encoded

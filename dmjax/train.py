@@ -1,0 +1,353 @@
+"""Training and evaluation, as small functions ending in `train_and_evaluate(config, workdir)`.
+
+Data parallelism is `jax.jit` over globally sharded arrays: a one-axis mesh spans every device of
+every process, each batch is split along it, parameters are replicated, and XLA inserts the
+cross-device reductions. Gradients and BatchNorm statistics are therefore those of the whole
+global batch, so the result does not depend on how many devices share it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from dmjax import checkpoints, evaluation, losses, models, visualize
+from dmjax.data import pipeline
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+
+  @property
+  def variables(self):
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def create_learning_rate_schedule(opt: ml_collections.ConfigDict,
+                                  num_train_steps: int) -> optax.Schedule:
+  if opt.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
+        decay_steps=max(num_train_steps, opt.warmup_steps + 1), end_value=opt.learning_rate * 1e-2)
+  if opt.schedule == "step":
+    if opt.step_every <= 0:
+      return optax.constant_schedule(opt.learning_rate)
+    return optax.exponential_decay(opt.learning_rate, transition_steps=opt.step_every,
+                                   decay_rate=opt.step_factor, staircase=True)
+  raise ValueError(f"config.optimizer.schedule={opt.schedule!r}: expected 'cosine' or 'step'")
+
+
+def _is_kernel(params):
+  # Decay convolution kernels only: decaying BatchNorm scales and biases only fights the norm.
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  opt = config.optimizer
+  schedule = create_learning_rate_schedule(opt, config.num_train_steps)
+  if opt.name == "adamw":
+    base = optax.adamw(schedule, weight_decay=opt.weight_decay, mask=_is_kernel)
+  elif opt.name == "sgd":
+    # PyTorch's SGD weight decay, as the seed used it: L2 added to every gradient.
+    base = optax.chain(optax.add_decayed_weights(opt.weight_decay),
+                       optax.sgd(schedule, momentum=opt.momentum))
+  else:
+    raise ValueError(f"config.optimizer.name={opt.name!r}: expected 'adamw' or 'sgd'")
+  if opt.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), base)
+  return base
+
+
+def initial_variables(model, rng: jax.Array, resolution: int):
+  if resolution % 16:
+    raise ValueError(f"config.data.resolution={resolution}: must be divisible by 16")
+  images = jnp.zeros((1, resolution, resolution, 3), jnp.float32)
+  return model.init(rng, images, images, train=False)
+
+
+def create_train_state(config, model, tx, rng: jax.Array) -> TrainState:
+  init_rng, state_rng = jax.random.split(rng)
+  variables = initial_variables(model, init_rng, config.data.resolution)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                    batch_stats=variables["batch_stats"],
+                    opt_state=tx.init(variables["params"]), rng=state_rng)
+
+
+def train_step(state: TrainState, batch, *, model, tx, loss_config):
+  """One optimisation step on a global batch; returns the new state and the loss terms."""
+
+  def loss_fn(params):
+    outputs, updates = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, batch["bg"], batch["fg_bg"],
+        train=True, mutable=["batch_stats"])
+    total, terms = losses.compute_losses(outputs, batch, loss_config)
+    return total, (dict(terms, total=total), updates["batch_stats"])
+
+  grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, dict(terms, grad_norm=optax.global_norm(grads))
+
+
+def make_train_step(model, tx, loss_config, mesh):
+  replicated = evaluation.replicated(mesh)
+  return jax.jit(functools.partial(train_step, model=model, tx=tx, loss_config=loss_config),
+                 in_shardings=(replicated, evaluation.batch_sharding(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def split_state(state: TrainState):
+  """The (model, train) checkpoint items of a state."""
+  return state.variables, {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+
+
+def join_state(model_item, train_item) -> TrainState:
+  return TrainState(step=train_item["step"], params=model_item["params"],
+                    batch_stats=model_item["batch_stats"], opt_state=train_item["opt_state"],
+                    rng=train_item["rng"])
+
+
+def load_previous_stage(state: TrainState, config) -> TrainState:
+  """Starts from another run's final parameters (progressive resizing), with a fresh optimizer."""
+  previous_config, variables, step = checkpoints.restore_model(config.init_from)
+  if previous_config.model.name != config.model.name:
+    raise ValueError(f"config.init_from={config.init_from!r} trained {previous_config.model.name}"
+                     f", not {config.model.name}")
+  checkpoints.check_compatible(variables, state.variables, what=f"init_from {config.init_from}")
+  logging.info("Starting from %s, step %d.", config.init_from, step)
+  return state.replace(params=jax.device_put(variables["params"]),
+                       batch_stats=jax.device_put(variables["batch_stats"]))
+
+
+class _FrozenIterator:
+  """The state of a data iterator at one moment, as grain's checkpoint handler reads it.
+
+  Asynchronous saves finish after training has moved on; the state must be the one that goes
+  with the saved model.
+  """
+
+  def __init__(self, iterator):
+    self._state = iterator.get_state()
+
+  def get_state(self):
+    return self._state
+
+
+class _StopRequest:
+  """Turns SIGTERM (what clusters send before pre-emption) into a save-and-exit at a step end."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint at the end of this step, then exiting.")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_finite(history: list[tuple[int, dict]]) -> None:
+  for step, terms in history:
+    if not all(math.isfinite(v) for v in terms.values()):
+      shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+      raise NonFiniteLossError(f"non-finite loss at step {step}: {shown}; stopping, the last "
+                               "checkpoint is left as it was")
+
+
+def mean_terms(history: list[tuple[int, dict]]) -> dict[str, float]:
+  return {k: float(np.mean([terms[k] for _, terms in history])) for k in history[0][1]}
+
+
+def write_examples(writer, step: int, variables, eval_batch, model, num: int = 6) -> None:
+  batch = {k: v[:num] for k, v in eval_batch.items()}
+  # This process's copy of the replicated variables: the chief predicts alone, without collectives.
+  local = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), variables)
+  mask_prob, depth_pred = jax.device_get(evaluation.predict(model, local, batch))
+  bg, fg_bg = pipeline.denormalize(batch)
+  grid = visualize.example_grid(bg, fg_bg, batch["mask"], mask_prob, batch["depth"], depth_pred)
+  writer.write_images(step, {"examples": grid[None]})
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict:
+  """Trains (resuming from the workdir's latest checkpoint) and returns the final metrics."""
+  # CLU's writers import TensorFlow; the rest of this module (the step) must run without it.
+  from clu import metric_writers, periodic_actions  # noqa: PLC0415
+
+  os.makedirs(workdir, exist_ok=True)
+  is_chief = jax.process_index() == 0
+  writer = writer or metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                     f"{jax.device_count()} devices")
+
+  pipeline.prepare(config)
+  mesh = evaluation.create_mesh()
+  model = models.create_model(config.model)
+  tx = create_optimizer(config)
+  state = jax.device_put(create_train_state(config, model, tx, jax.random.PRNGKey(config.seed)),
+                         evaluation.replicated(mesh))
+  train_iter = pipeline.create_train_iterator(config)
+  manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints)
+
+  latest = manager.latest_step()
+  if latest is not None:
+    model_item, train_item, data_restored = checkpoints.restore(
+        manager, latest, model=state.variables, train=split_state(state)[1],
+        data_iterator=train_iter, sharding=evaluation.replicated(mesh))
+    state = join_state(model_item, train_item)
+    if not data_restored:  # Written by another number of processes: one batch per step.
+      train_iter.seek(latest)
+    logging.info("Resumed from %s at step %d.", manager.directory, latest)
+  elif config.init_from:
+    state = load_previous_stage(state, config)
+  else:
+    writer.write_hparams(dict(_flatten(config.to_dict())))
+
+  p_train_step = make_train_step(model, tx, config.loss, mesh)
+  p_eval_step = evaluation.make_eval_step(model, mesh)
+  schedule = create_learning_rate_schedule(config.optimizer, config.num_train_steps)
+  data_sharding = evaluation.batch_sharding(mesh)
+
+  def run_eval(step: int, num_examples: int) -> dict[str, float]:
+    batches = pipeline.create_eval_batches(config, config.data.eval_split, num_examples,
+                                           batch_size=config.eval_batch_size)
+    results = evaluation.evaluate(p_eval_step, state.variables, batches, mesh)
+    first = next(iter(pipeline.create_eval_batches(config, config.data.eval_split, 8,
+                                                   batch_size=8, process_index=0,
+                                                   process_count=1)))
+    if is_chief:
+      write_examples(writer, step, state.variables, first, model)
+    writer.write_scalars(step, {"eval/" + k: v for k, v in results.items()})
+    return results
+
+  initial_step = int(state.step)
+  hooks = [periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                           writer=writer)] if is_chief else []
+  if config.profile and is_chief:
+    hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
+  stop = _StopRequest()
+  history: list[tuple[int, Any]] = []
+  window_start, window_step = time.time(), initial_step
+  started = time.time()
+  try:
+    for step in range(initial_step + 1, config.num_train_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = evaluation.to_global(next(train_iter), data_sharding)
+        state, terms = p_train_step(state, batch)
+      history.append((step, terms))
+      for hook in hooks:
+        hook(step)
+
+      last = step == config.num_train_steps
+      should_save = last or stop.requested or step % config.checkpoint_every_steps == 0
+      if should_save or step % config.log_every_steps == 0:
+        history = [(s, {k: float(v) for k, v in jax.device_get(t).items()}) for s, t in history]
+        check_finite(history)
+        elapsed = time.time() - window_start
+        rate = (step - window_step) / max(elapsed, 1e-9)
+        scalars = {"train/" + k: v for k, v in mean_terms(history).items()}
+        scalars.update({"train/learning_rate": float(schedule(step - 1)),
+                        "train/steps_per_sec": rate,
+                        "train/images_per_sec": rate * config.batch_size})
+        writer.write_scalars(step, scalars)
+        eta = (config.num_train_steps - step) / max(rate, 1e-9)
+        logging.info("step %d/%d  loss %.4f  %.2f steps/s  %.0f images/s  ETA %s", step,
+                     config.num_train_steps, scalars["train/total"], rate,
+                     rate * config.batch_size, format_duration(eta))
+        history, window_start, window_step = [], time.time(), step
+      if step % config.eval_every_steps == 0 and not last:
+        run_eval(step, config.data.num_eval_examples)
+      if should_save:
+        model_item, train_item = split_state(state)
+        checkpoints.save(manager, step, model=model_item, train=train_item, config=config,
+                         data_iterator=_FrozenIterator(train_iter))
+      if stop.requested:
+        manager.wait_until_finished()
+        logging.warning("Saved step %d after SIGTERM; re-run the same command to resume.", step)
+        writer.flush()
+        return {}
+  finally:
+    stop.restore()
+    manager.wait_until_finished()
+
+  logging.info("Training took %s; evaluating.", format_duration(time.time() - started))
+  results = run_eval(config.num_train_steps, -1)
+  results.update(evaluate_baselines(config, mesh))
+  writer.write_scalars(config.num_train_steps,
+                       {"final/" + k: v for k, v in results.items()})
+  writer.flush()
+  if is_chief:
+    write_json_atomically(os.path.join(workdir, "final_metrics.json"), results)
+    logging.info("Final held-out metrics:\n%s", format_metrics_table(results))
+  manager.close()
+  return results
+
+
+def evaluate_baselines(config, mesh) -> dict[str, float]:
+  mask_baseline, depth_baseline = evaluation.fit_baselines(config)
+  batches = pipeline.create_eval_batches(config, config.data.eval_split, -1,
+                                         batch_size=config.eval_batch_size)
+  return evaluation.evaluate(evaluation.make_baseline_step(mesh), None,
+                             evaluation.with_baseline_predictions(batches, mask_baseline,
+                                                                  depth_baseline),
+                             mesh, prefix="baseline_")
+
+
+KEY_METRICS = ("mask_iou", "mask_dice", "depth_rmse", "depth_rmse_aligned", "depth_abs_rel",
+               "depth_delta1", "checkerboard")
+
+
+def format_metrics_table(results: dict[str, float]) -> str:
+  lines = [f"{'metric':<22}{'model':>10}{'baseline':>10}"]
+  for key in KEY_METRICS:
+    if key in results:
+      baseline = results.get("baseline_" + key)
+      shown = f"{baseline:>10.4f}" if baseline is not None else f"{'':>10}"
+      lines.append(f"{key:<22}{results[key]:>10.4f}{shown}")
+  return "\n".join(lines)
+
+
+def write_json_atomically(path: str, data: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _flatten(d: dict, prefix: str = ""):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _flatten(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v

@@ -1,0 +1,80 @@
+"""Starts N processes of one command on this machine, as one multi-process JAX run.
+
+  python launch/local.py --num_processes=2 -- \
+      python -m dmjax.main --config=configs/r64.py --workdir=workdirs/r64_2proc
+
+For testing multi-host code on one machine (add `--cpu_devices_per_process=2` to give each
+process 2 CPU devices), and for multi-GPU boxes with one process per GPU (`--gpus_per_process=1`
+sets CUDA_VISIBLE_DEVICES for each). Each process gets DMJAX_DISTRIBUTED=1 and its coordinator
+address, process count and index in DMJAX_* variables (see dmjax/distributed.py). If one process
+fails, the others are stopped and this launcher exits with the failing status.
+"""
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--num_processes", type=int, required=True)
+  parser.add_argument("--cpu_devices_per_process", type=int, default=0,
+                      help="Run on CPU with this many devices per process (0: leave as is).")
+  parser.add_argument("--gpus_per_process", type=int, default=0,
+                      help="Give process i GPUs i*k .. i*k+k-1 via CUDA_VISIBLE_DEVICES.")
+  parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
+  args = parser.parse_args()
+  command = args.command[1:] if args.command[:1] == ["--"] else args.command
+  if not command:
+    parser.error("no command given after --")
+
+  address = f"localhost:{free_port()}"
+  processes = []
+  for index in range(args.num_processes):
+    env = dict(os.environ, DMJAX_DISTRIBUTED="1", DMJAX_COORDINATOR_ADDRESS=address,
+               DMJAX_NUM_PROCESSES=str(args.num_processes), DMJAX_PROCESS_ID=str(index))
+    if args.cpu_devices_per_process:
+      env["JAX_PLATFORMS"] = "cpu"
+      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
+                          f"{args.cpu_devices_per_process}").strip()
+    if args.gpus_per_process:
+      first = index * args.gpus_per_process
+      env["CUDA_VISIBLE_DEVICES"] = ",".join(
+          str(first + k) for k in range(args.gpus_per_process))
+    processes.append(subprocess.Popen(command, env=env))
+
+  def stop_all(signum, frame):
+    del frame
+    for p in processes:
+      p.send_signal(signum)
+
+  signal.signal(signal.SIGTERM, stop_all)  # Pre-emption reaches every process.
+  status = 0
+  while processes:
+    for p in list(processes):
+      code = p.poll()
+      if code is None:
+        continue
+      processes.remove(p)
+      if code != 0 and status == 0:
+        status = code
+        print(f"launch/local.py: process {p.pid} exited with {code}; stopping the others",
+              file=sys.stderr)
+        for other in processes:
+          other.terminate()
+    time.sleep(0.2)
+  return status
+
+
+if __name__ == "__main__":
+  sys.exit(main())

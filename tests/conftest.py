@@ -1,0 +1,47 @@
+"""Fixtures shared by the test files: tiny datasets, built once per test session.
+
+`tiny_data_config` is session-scoped and shared: copy it (`copy_and_resolve_references()`)
+before changing anything.
+"""
+
+import os
+import tempfile
+
+import pytest
+
+# One persistent compilation cache for the whole session, subprocesses included: the tests
+# compile the same few programs many times, and on 2 cores compiling dominates their time.
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                               os.path.join(tempfile.gettempdir(), "dmjax-test-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+from dmjax import config as config_lib  # noqa: E402
+
+TINY_RESOLUTION = 32
+TINY_NUM_TRAIN = 24
+TINY_NUM_TEST = 8
+
+
+def tiny_config(tfds_dir: str):
+  config = config_lib.base_config()
+  config.data.tfds_dir = tfds_dir
+  config.data.resolution = TINY_RESOLUTION
+  config.data.synthetic.resolution = TINY_RESOLUTION
+  config.data.synthetic.num_train = TINY_NUM_TRAIN
+  config.data.synthetic.num_test = TINY_NUM_TEST
+  config.data.num_workers = 0
+  config.batch_size = 4
+  config.eval_batch_size = 4
+  return config
+
+
+@pytest.fixture(scope="session")
+def tiny_data_config(tmp_path_factory):
+  """base_config() over a built synthetic dataset of 24 train and 8 test scenes at 32 px;
+  batch_size 4, no worker processes."""
+  from dmjax.data import pipeline
+
+  config = tiny_config(str(tmp_path_factory.mktemp("tfds")))
+  pipeline.prepare(config)
+  return config

@@ -1,0 +1,105 @@
+"""Multi-process training on one machine: 2 processes × 2 CPU devices, gloo collectives."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dmjax import checkpoints
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_config(tmp_path, config) -> str:
+  """A config file for `dmjax.main` that returns `config`."""
+  (tmp_path / "config.json").write_text(config.to_json())
+  path = tmp_path / "config.py"
+  path.write_text(
+      "import json, ml_collections\n"
+      "def get_config():\n"
+      f"  return ml_collections.ConfigDict(json.loads(open({str(tmp_path / 'config.json')!r})"
+      ".read()))\n")
+  return str(path)
+
+
+def main_command(config_path, workdir, *extra):
+  return [sys.executable, "-m", "dmjax.main", f"--config={config_path}", f"--workdir={workdir}",
+          *extra]
+
+
+def cpu_env(devices: int) -> dict:
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+@pytest.fixture(scope="module")
+def distributed_config(tiny_data_config):
+  config = tiny_data_config.copy_and_resolve_references()
+  config.num_train_steps = 3
+  config.log_every_steps = 1
+  config.eval_every_steps = 100
+  config.checkpoint_every_steps = 100
+  config.optimizer.warmup_steps = 1
+  config.data.num_eval_examples = 8
+  config.eval_batch_size = 4
+  return config
+
+
+def test_two_processes_match_one_process_and_restore_in_one(distributed_config, tmp_path):
+  config_path = write_config(tmp_path, distributed_config)
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  subprocess.run(main_command(config_path, single), env=cpu_env(4), cwd=REPO, check=True,
+                 capture_output=True)
+  launched = subprocess.run(
+      [sys.executable, "launch/local.py", "--num_processes=2", "--cpu_devices_per_process=2",
+       "--", *main_command(config_path, multi)], cwd=REPO, capture_output=True, text=True)
+  assert launched.returncode == 0, launched.stderr[-3000:]
+
+  # One checkpoint, written together by both processes, that a single process restores.
+  _, one, step = checkpoints.restore_model(str(single))
+  _, two, step_two = checkpoints.restore_model(str(multi))
+  assert step == step_two == 3
+  for x, y in zip(jax.tree.leaves(one), jax.tree.leaves(two), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  assert (multi / "final_metrics.json").exists()  # Written once, by process 0.
+
+
+def test_a_dead_process_makes_the_other_fail_fast(distributed_config, tmp_path):
+  config = distributed_config.copy_and_resolve_references()
+  config.num_train_steps = 100_000
+  config.checkpoint_every_steps = 2
+  config_path = write_config(tmp_path, config)
+  workdir = tmp_path / "run"
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  processes = []
+  for index in range(2):
+    env = dict(cpu_env(2), DMJAX_DISTRIBUTED="1", DMJAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+               DMJAX_NUM_PROCESSES="2", DMJAX_PROCESS_ID=str(index))
+    processes.append(subprocess.Popen(main_command(config_path, workdir, "--heartbeat_timeout_s=5"),
+                                      env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+  survivor, victim = processes
+  try:
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "2").exists():  # Both are training.
+      assert time.time() < deadline and survivor.poll() is None, "training did not start"
+      time.sleep(0.5)
+    victim.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    survivor.wait(timeout=120)
+    assert survivor.returncode != 0
+    assert time.time() - killed_at < 120
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()

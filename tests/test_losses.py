@@ -1,0 +1,250 @@
+"""Every loss term against an independent float64 numpy computation written here."""
+
+import dm_pix
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from skimage.metrics import structural_similarity
+
+from dmjax import config as config_lib
+from dmjax import losses
+
+ALL_TERMS = ("mask_bce", "mask_dice", "depth_l1", "depth_ssim", "depth_edge", "depth_bce_dice")
+
+
+def loss_config(**overrides) -> ml_collections.ConfigDict:
+  cfg = config_lib.base_config().loss
+  for term in ALL_TERMS:
+    cfg[term] = 1.0
+  cfg.update(overrides)
+  return cfg
+
+
+def random_inputs(seed=0, batch_size=3, size=24):
+  rng = np.random.default_rng(seed)
+  shape = (batch_size, size, size, 1)
+  outputs = {"mask": rng.normal(0, 2, shape).astype(np.float32),
+             "depth": rng.normal(0, 1.5, shape).astype(np.float32)}
+  # Smooth-ish depth with noise, soft-edged masks: like real labels, not pure noise.
+  rows = np.linspace(0, 1, size)[None, :, None, None]
+  cols = np.linspace(0.2, 1, size)[None, None, :, None]
+  ramp = rows * cols
+  depth = np.clip(ramp + 0.1 * rng.normal(size=shape), 0, 1).astype(np.float32)
+  mask = np.clip(rng.normal(0, 1, shape) + 0.3, 0, 1).astype(np.float32)
+  return outputs, {"mask": mask, "depth": depth}
+
+
+# Independent numpy references (float64, plain formulas and loops).
+
+
+def np_sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-np.float64(x)))
+
+
+def np_bce(logits, labels):
+  p = np_sigmoid(logits)
+  return np.mean(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+
+
+def np_dice_loss(probs, labels, per_image):
+  if per_image:
+    pairs = zip(probs, labels, strict=True)
+    return np.mean([np_dice_loss(p[None], t[None], per_image=False) for p, t in pairs])
+  return 1 - (2 * np.sum(probs * labels) + 1) / (np.sum(probs) + np.sum(labels) + 1)
+
+
+def np_ssim_map(a, b, window, sigma=1.5):
+  """SSIM at every position where the whole Gaussian window fits, by explicit loops."""
+  offsets = np.arange(window) - (window - 1) / 2
+  g = np.exp(-0.5 * (offsets / sigma) ** 2)
+  g /= g.sum()
+  w = np.outer(g, g)
+  c1, c2 = 0.01**2, 0.03**2
+  out = np.empty((a.shape[0] - window + 1, a.shape[1] - window + 1))
+  for i in range(out.shape[0]):
+    for j in range(out.shape[1]):
+      pa, pb = a[i:i + window, j:j + window], b[i:i + window, j:j + window]
+      mu_a, mu_b = np.sum(w * pa), np.sum(w * pb)
+      var_a = np.sum(w * (pa - mu_a) ** 2)
+      var_b = np.sum(w * (pb - mu_b) ** 2)
+      cov = np.sum(w * (pa - mu_a) * (pb - mu_b))
+      out[i, j] = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)
+                   / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)))
+  return out
+
+
+def ssim_loss_from_maps(maps):
+  return np.mean([np.mean(np.clip((1 - m) / 2, 0, 1)) for m in maps])
+
+
+def np_edge_loss(pred, target):
+  per_image = []
+  for p, t in zip(pred[..., 0], target[..., 0], strict=True):
+    h, w = p.shape
+    total = 0.0
+    for i in range(h):
+      for j in range(w):
+        dy = (p[i + 1, j] - p[i, j]) - (t[i + 1, j] - t[i, j]) if i < h - 1 else 0.0
+        dx = (p[i, j + 1] - p[i, j]) - (t[i, j + 1] - t[i, j]) if j < w - 1 else 0.0
+        total += abs(dy) + abs(dx)
+    per_image.append(total / (h * w))
+  return np.mean(per_image)
+
+
+def np_terms(outputs, batch, per_image_dice=False, window=11):
+  mask_p = np_sigmoid(outputs["mask"])
+  depth_p = np_sigmoid(outputs["depth"])
+  mask, depth = np.float64(batch["mask"]), np.float64(batch["depth"])
+  if window == 11:
+    maps = []
+    for p, t in zip(depth_p[..., 0], depth[..., 0], strict=True):
+      _, full = structural_similarity(p, t, gaussian_weights=True, sigma=1.5,
+                                      use_sample_covariance=False, data_range=1, full=True)
+      maps.append(full[5:-5, 5:-5])  # skimage pads; the valid region is what dm_pix computes.
+  else:
+    maps = [np_ssim_map(p, t, window) for p, t in zip(depth_p[..., 0], depth[..., 0], strict=True)]
+  return {
+      "mask_bce": np_bce(outputs["mask"], mask),
+      "mask_dice": np_dice_loss(mask_p, mask, per_image_dice),
+      "depth_l1": np.mean(np.abs(depth_p - depth)),
+      "depth_ssim": ssim_loss_from_maps(maps),
+      "depth_edge": np_edge_loss(depth_p, depth),
+      "depth_bce_dice": (np_bce(outputs["depth"], depth)
+                         + np_dice_loss(depth_p, depth, per_image_dice)),
+  }
+
+
+def jitted_losses(cfg):
+  return jax.jit(lambda outputs, batch: losses.compute_losses(outputs, batch, cfg))
+
+
+@pytest.mark.parametrize("per_image_dice,window", [(False, 11), (True, 3)])
+def test_terms_match_numpy(per_image_dice, window):
+  outputs, batch = random_inputs()
+  weights = dict(zip(ALL_TERMS, (0.5, 2.0, 0.1, 1.0, 3.0, 0.25), strict=True))
+  cfg = loss_config(dice_per_image=per_image_dice, ssim_window=window, **weights)
+  total, terms = jitted_losses(cfg)(outputs, batch)
+  expected = np_terms(outputs, batch, per_image_dice, window)
+  assert set(terms) == set(ALL_TERMS)
+  for name in ALL_TERMS:
+    assert terms[name].dtype == jnp.float32
+    np.testing.assert_allclose(terms[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  np.testing.assert_allclose(total, sum(weights[k] * expected[k] for k in ALL_TERMS), rtol=1e-5)
+
+
+def test_dm_pix_ssim_matches_skimage_window_11():
+  _, batch = random_inputs(seed=1, batch_size=2)
+  pred = np.clip(batch["depth"] + 0.15 * np.random.default_rng(2).normal(size=batch["depth"].shape),
+                 0, 1).astype(np.float32)
+  term = jax.jit(losses.ssim_loss, static_argnames="window")(
+      pred, batch["depth"], jnp.ones(2), window=11)
+  ours = jax.jit(dm_pix.ssim)(pred, batch["depth"])
+  for k in range(2):
+    mean_ssim = structural_similarity(
+        np.float64(pred[k, ..., 0]), np.float64(batch["depth"][k, ..., 0]), gaussian_weights=True,
+        sigma=1.5, use_sample_covariance=False, data_range=1)
+    np.testing.assert_allclose(ours[k], mean_ssim, atol=1e-5)
+  expected_maps = [
+      structural_similarity(np.float64(p), np.float64(t), gaussian_weights=True, sigma=1.5,
+                            use_sample_covariance=False, data_range=1, full=True)[1][5:-5, 5:-5]
+      for p, t in zip(pred[..., 0], batch["depth"][..., 0], strict=True)]
+  np.testing.assert_allclose(term, ssim_loss_from_maps(expected_maps), atol=1e-5)
+
+
+def test_window_3_ssim_matches_numpy_loops():
+  _, batch = random_inputs(seed=3, batch_size=2, size=16)
+  pred = np.random.default_rng(4).random(batch["depth"].shape).astype(np.float32)
+  ours = jax.jit(lambda a, b: dm_pix.ssim(a, b, filter_size=3, return_map=True))(
+      pred, batch["depth"])
+  for k in range(2):
+    np.testing.assert_allclose(ours[k, ..., 0], np_ssim_map(np.float64(pred[k, ..., 0]),
+                                                            np.float64(batch["depth"][k, ..., 0]),
+                                                            3), atol=1e-5)
+
+
+def test_zero_weight_terms_are_skipped():
+  outputs, batch = random_inputs(batch_size=2, size=16)
+  cfg = loss_config(depth_ssim=0.0, depth_bce_dice=0.0, mask_dice=0.0)
+  total, terms = jitted_losses(cfg)(outputs, batch)
+  assert set(terms) == {"mask_bce", "depth_l1", "depth_edge"}
+  np.testing.assert_allclose(total, terms["mask_bce"] + terms["depth_l1"] + terms["depth_edge"],
+                             rtol=1e-6)
+
+
+def test_accepts_plain_dict_config_and_bfloat16_outputs():
+  outputs, batch = random_inputs(batch_size=2, size=16)
+  cfg = loss_config(ssim_window=3).to_dict()
+  total, terms = jitted_losses(cfg)(
+      {k: jnp.asarray(v, jnp.bfloat16) for k, v in outputs.items()}, batch)
+  assert total.dtype == jnp.float32
+  expected = np_terms({k: np.float32(jnp.asarray(v, jnp.bfloat16)) for k, v in outputs.items()},
+                      batch, window=3)
+  for name in ALL_TERMS:
+    np.testing.assert_allclose(terms[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("per_image_dice", [False, True])
+def test_example_weight(per_image_dice):
+  outputs, batch = random_inputs(batch_size=3, size=16)
+  fn = jitted_losses(loss_config(dice_per_image=per_image_dice, ssim_window=3))
+
+  def expected_on(examples):
+    return np_terms({k: v[examples] for k, v in outputs.items()},
+                    {k: v[examples] for k, v in batch.items()}, per_image_dice, window=3)
+
+  # The third example is padding: weight 0, whatever it contains.
+  padded_batch = dict(batch, example_weight=np.array([1, 1, 0], np.float32))
+  padded_batch["depth"] = padded_batch["depth"].copy()
+  padded_batch["depth"][2] = 7.0
+  _, padded = fn(outputs, padded_batch)
+  # Weight 2 counts an example twice.
+  _, weighted = fn(outputs, dict(batch, example_weight=np.array([0, 2, 1], np.float32)))
+  expected_padded, expected_weighted = expected_on([0, 1]), expected_on([1, 1, 2])
+  for name in ALL_TERMS:
+    np.testing.assert_allclose(padded[name], expected_padded[name], rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(weighted[name], expected_weighted[name], rtol=1e-5, err_msg=name)
+
+  _, all_padding = fn(outputs, dict(batch, example_weight=np.zeros(3, np.float32)))
+  for name in ("mask_bce", "depth_l1", "depth_ssim", "depth_edge"):
+    assert float(all_padding[name]) == 0.0
+
+
+def test_gradients_finite_on_degenerate_inputs():
+  size = 16
+  shape = (4, size, size, 1)
+  rng = np.random.default_rng(5)
+  # Image 0: empty mask, zero depth; 1: all foreground, constant depth; 2: extreme logits;
+  # 3: prediction constant and equal to the truth's sigmoid preimage.
+  mask = np.zeros(shape, np.float32)
+  mask[1] = 1.0
+  mask[2] = rng.random(shape[1:]) > 0.5
+  depth = np.zeros(shape, np.float32)
+  depth[1] = 0.5
+  depth[2] = rng.random(shape[1:])
+  depth[3] = 0.5
+  mask_logits = np.zeros(shape, np.float32)
+  mask_logits[2] = rng.choice([-40.0, 40.0], shape[1:])
+  depth_logits = np.zeros(shape, np.float32)
+  depth_logits[2] = rng.choice([-40.0, 40.0], shape[1:])
+  batch = {"mask": mask, "depth": depth}
+  for per_image_dice, window in ((False, 11), (True, 3)):
+    cfg = loss_config(dice_per_image=per_image_dice, ssim_window=window)
+
+    def total_loss(outputs, cfg=cfg):
+      return losses.compute_losses(outputs, batch, cfg)[0]
+
+    value, grads = jax.jit(jax.value_and_grad(total_loss))(
+        {"mask": mask_logits, "depth": depth_logits})
+    assert np.isfinite(value)
+    for g in jax.tree.leaves(grads):
+      assert np.all(np.isfinite(g))
+      assert np.any(g != 0)
+
+  # All-zero masks and labels everywhere: Dice loss is 1 - 1/(Σp + 1), gradients finite.
+  zeros = {"mask": np.zeros(shape, np.float32), "depth": np.zeros(shape, np.float32)}
+  cfg = loss_config(ssim_window=3)
+  grads = jax.jit(jax.grad(lambda o: losses.compute_losses(o, zeros, cfg)[0]))(
+      {"mask": np.full(shape, -5.0, np.float32), "depth": np.zeros(shape, np.float32)})
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))

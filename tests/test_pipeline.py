@@ -1,0 +1,309 @@
+"""The grain pipeline over a tiny built synthetic dataset: format, determinism, alignment of the
+joint augmentation, checkpointing, sharding, evaluation padding, and reading without TF."""
+
+import json
+import os
+import subprocess
+import sys
+
+import grain
+import numpy as np
+import pytest
+
+from dmjax import config as config_lib
+from dmjax.data import augment, pipeline, schema, sources, tfds_builder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def copy_of(config, **overrides):
+  """A copy of `config` with dotted keys set, e.g. copy_of(c, **{"data.num_workers": 2})."""
+  config = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    *path, last = key.split(".")
+    parent = config
+    for part in path:
+      parent = parent[part]
+    parent[last] = value
+  return config
+
+
+def lookup(config, key):
+  for part in key.split("."):
+    config = config[part]
+  return config
+
+
+def take(iterator, count):
+  return [next(iterator) for _ in range(count)]
+
+
+def assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b, strict=True):
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def stored_examples(config, split):
+  source = sources.get_source(config)
+  data_source = source.builder.as_data_source(split, decoders=tfds_builder.RAW_DECODERS)
+  return [tfds_builder.decode_example(data_source[i]) for i in range(len(data_source))]
+
+
+def example_ids(batches, examples):
+  """Which stored example each batch row is, by its un-normalised fg_bg (needs no resize and no
+  augmentation)."""
+  lookup = {example["fg_bg"].tobytes(): i for i, example in enumerate(examples)}
+  ids = []
+  for batch in batches:
+    _, fg_bg = pipeline.denormalize(batch)
+    for image in np.round(fg_bg * 255).astype(np.uint8):
+      ids.append(lookup[image.tobytes()])
+  return ids
+
+
+def test_batches_have_the_documented_format(tiny_data_config):
+  batch = next(pipeline.create_train_iterator(tiny_data_config))
+  r = tiny_data_config.data.resolution
+  assert set(batch) == set(schema.KEYS)
+  for key in schema.KEYS:
+    assert type(batch[key]) is np.ndarray and batch[key].dtype == np.float32
+  assert batch["bg"].shape == batch["fg_bg"].shape == (4, r, r, 3)
+  assert batch["mask"].shape == batch["depth"].shape == (4, r, r, 1)
+  assert set(np.unique(batch["mask"])) <= {0.0, 1.0}
+  assert 0.0 <= batch["depth"].min() and batch["depth"].max() <= 1.0
+  bg, fg_bg = pipeline.denormalize(batch)
+  assert 0.0 <= bg.min() and bg.max() <= 1.0 and 0.0 <= fg_bg.min() and fg_bg.max() <= 1.0
+  assert pipeline.num_examples(tiny_data_config, "train") == 24
+  assert pipeline.num_examples(tiny_data_config, "test") == 8
+
+
+def test_soft_masks_without_binarize(tiny_data_config):
+  config = copy_of(tiny_data_config, **{"data.binarize_mask": False, "data.resolution": 16})
+  masks = np.concatenate([b["mask"] for b in take(pipeline.create_train_iterator(config), 3)])
+  assert np.any((masks > 0.0) & (masks < 1.0))
+
+
+def test_same_seed_same_batches_other_seed_other_batches(tiny_data_config):
+  first = take(pipeline.create_train_iterator(tiny_data_config), 3)
+  assert_same_batches(first, take(pipeline.create_train_iterator(tiny_data_config), 3))
+  other = take(pipeline.create_train_iterator(copy_of(tiny_data_config, seed=1)), 3)
+  assert not np.array_equal(first[0]["fg_bg"], other[0]["fg_bg"])
+
+
+def test_zero_and_two_workers_give_identical_batches(tiny_data_config):
+  without_workers = take(pipeline.create_train_iterator(tiny_data_config), 8)
+  iterator = pipeline.create_train_iterator(copy_of(tiny_data_config, **{"data.num_workers": 2}))
+  try:
+    with_workers = take(iterator, 8)
+  finally:
+    iterator.close()
+  assert_same_batches(without_workers, with_workers)
+
+
+def coordinate_example(size=48):
+  """All four images encode the pixel's x (and the photos also its y), so any geometric
+  difference between them shows up as differing values."""
+  y, x = np.mgrid[0:size, 0:size]
+  ramp_x, ramp_y = (x * 5).astype(np.uint8), (y * 5).astype(np.uint8)
+  photo = np.stack([ramp_x, ramp_y, np.full_like(ramp_x, 128)], axis=-1)
+  return {"bg": photo, "fg_bg": photo.copy(), "mask": ramp_x[..., None],
+          "depth": (ramp_x.astype(np.uint16) * 257)[..., None]}
+
+
+def test_joint_geometry_keeps_the_four_images_aligned():
+  example = coordinate_example()
+  settings = augment.AugmentSettings(min_scale=0.5)
+  rng = np.random.default_rng(0)
+  flips = set()
+  for _ in range(12):
+    geometry = augment.draw_geometry(rng, 48, 48, settings)
+    flips.add(geometry.flip)
+    out = augment.transform_example(example, geometry, 32)
+    assert out["bg"].dtype == np.uint8 and out["mask"].dtype == out["depth"].dtype == np.float32
+    np.testing.assert_array_equal(out["bg"], out["fg_bg"])
+    photo_x = out["bg"][..., 0] / 255
+    tolerance = 1.0 / 255  # The photos are resized as uint8.
+    np.testing.assert_allclose(out["mask"][..., 0], photo_x, atol=tolerance)
+    np.testing.assert_allclose(out["depth"][..., 0], photo_x, atol=tolerance)
+    # The crop really moved things: the x ramp no longer spans the whole frame, or is mirrored.
+    full = augment.transform_example(example, augment.full_frame(48, 48), 32)
+    assert not np.allclose(out["mask"], full["mask"], atol=tolerance)
+  assert flips == {True, False}
+
+
+def test_pipeline_augmentation_aligns_labels_and_jitters_photos_independently():
+  example = coordinate_example()
+  prepare = pipeline.PrepareExample(resolution=32, settings=augment.AugmentSettings(),
+                                    binarize_mask=False)
+  for seed in range(6):
+    out = prepare.random_map(example, np.random.default_rng(seed))
+    np.testing.assert_allclose(out["mask"], out["depth"], atol=1e-5)
+    bg, fg_bg = pipeline.denormalize(out)
+    assert not np.allclose(bg, fg_bg, atol=1e-3)  # Photometric draws differ per photo.
+    # Jitter keeps the geometry: the photos' x ramp still increases with the mask's.
+    order = np.argsort(out["mask"][16, :, 0])
+    assert np.all(np.diff(bg[16, order, 0]) >= -1e-6)
+
+
+def test_no_augmentation_is_a_plain_resize(tiny_data_config):
+  config = copy_of(tiny_data_config, **{"data.augment.enabled": False})
+  batches = take(pipeline.create_train_iterator(config), 6)
+  examples = stored_examples(config, "train")
+  ids = example_ids(batches, examples)
+  for batch_index, batch in enumerate(batches):
+    for row in range(4):
+      example = examples[ids[batch_index * 4 + row]]
+      np.testing.assert_allclose(batch["depth"][row], example["depth"] / 65535, atol=1e-6)
+      np.testing.assert_array_equal(batch["mask"][row], (example["mask"] > 127.5))
+
+
+def test_state_round_trip_restores_the_next_batches(tiny_data_config, tmp_path):
+  iterator = pipeline.create_train_iterator(tiny_data_config)
+  take(iterator, 3)
+  state = iterator.get_state()
+  assert isinstance(state, bytes)
+  expected = take(iterator, 4)
+
+  restored = pipeline.create_train_iterator(tiny_data_config)
+  restored.set_state(state)
+  assert_same_batches(expected, take(restored, 4))
+
+  # The way the trainer saves it: grain's orbax handler, into a worker-backed iterator.
+  handler = grain.checkpoint.CheckpointHandler()
+  handler.save(tmp_path, item=_Frozen(state))
+  with_workers = pipeline.create_train_iterator(
+      copy_of(tiny_data_config, **{"data.num_workers": 1}))
+  try:
+    handler.restore(tmp_path, item=with_workers)
+    assert_same_batches(expected, take(with_workers, 4))
+  finally:
+    with_workers.close()
+
+
+class _Frozen:
+
+  def __init__(self, state):
+    self._state = state
+
+  def get_state(self):
+    return self._state
+
+
+def test_state_from_another_stream_is_refused(tiny_data_config):
+  iterator = pipeline.create_train_iterator(tiny_data_config)
+  next(iterator)
+  other = pipeline.create_train_iterator(copy_of(tiny_data_config, seed=5))
+  with pytest.raises(ValueError, match="seed"):
+    other.set_state(iterator.get_state())
+
+
+def test_process_shards_are_disjoint_and_cover_each_epoch(tiny_data_config):
+  config = copy_of(tiny_data_config, **{"data.augment.enabled": False})
+  examples = stored_examples(config, "train")
+  # 24 examples, 2 processes, 2 per process batch: 6 batches per process per epoch.
+  epochs = {0: [], 1: []}
+  for process_index in (0, 1):
+    iterator = pipeline.create_train_iterator(config, process_index=process_index,
+                                              process_count=2)
+    batches = take(iterator, 12)
+    assert batches[0]["fg_bg"].shape[0] == 2
+    ids = example_ids(batches, examples)
+    epochs[0].append(ids[:12])
+    epochs[1].append(ids[12:])
+  for epoch in epochs.values():
+    first, second = map(set, epoch)
+    assert len(first) == len(second) == 12 and not first & second
+    assert first | second == set(range(24))
+  assert epochs[0] != epochs[1]  # Reshuffled each epoch.
+
+
+def test_batch_size_must_divide_among_processes(tiny_data_config):
+  with pytest.raises(ValueError, match="config.batch_size=4"):
+    pipeline.create_train_iterator(tiny_data_config, process_index=0, process_count=3)
+
+
+def test_eval_batches_are_in_order_and_padded(tiny_data_config):
+  examples = stored_examples(tiny_data_config, "test")
+  batches = list(pipeline.create_eval_batches(tiny_data_config, "test", 6))
+  assert [b["example_weight"].tolist() for b in batches] == [[1, 1, 1, 1], [1, 1, 0, 0]]
+  assert all(b["example_weight"].dtype == np.float32 for b in batches)
+  ids = example_ids(batches, examples)
+  assert ids == [0, 1, 2, 3, 4, 5, 5, 5]
+
+  everything = list(pipeline.create_eval_batches(tiny_data_config, "test", batch_size=3))
+  assert [b["example_weight"].sum() for b in everything] == [3, 3, 2]
+
+  per_process = [list(pipeline.create_eval_batches(tiny_data_config, "test", 6, process_index=p,
+                                                   process_count=2)) for p in (0, 1)]
+  assert [len(batches) for batches in per_process] == [2, 2]
+  assert example_ids(per_process[0], examples) == [0, 1, 4, 5]
+  assert [b["example_weight"].tolist() for b in per_process[1]] == [[1, 1], [0, 0]]
+  assert example_ids(per_process[1], examples)[:2] == [2, 3]
+
+
+def test_unknown_source_names_the_key_and_the_known_ones():
+  config = config_lib.base_config()
+  config.data.source = "imagenet"
+  with pytest.raises(ValueError, match=r"config.data.source='imagenet'.*seed.*synthetic"):
+    sources.get_source(config)
+
+
+def test_unbuilt_dataset_says_to_prepare(tiny_data_config, tmp_path):
+  config = copy_of(tiny_data_config, **{"data.tfds_dir": str(tmp_path)})
+  with pytest.raises(ValueError, match="prepare"):
+    pipeline.create_train_iterator(config)
+
+
+_HIDE_TENSORFLOW = """
+import importlib.machinery, sys
+
+class HideTensorFlow:
+  # As if TensorFlow were not installed: found by no finder (unlike sys.modules[...] = None,
+  # which libraries read as "TensorFlow is loaded").
+  @classmethod
+  def find_spec(cls, name, path=None, target=None):
+    if name.split(".")[0] == "tensorflow":
+      return None
+    return importlib.machinery.PathFinder.find_spec(name, path, target)
+
+  @classmethod
+  def invalidate_caches(cls):
+    importlib.machinery.PathFinder.invalidate_caches()
+
+sys.meta_path[:] = [HideTensorFlow if f is importlib.machinery.PathFinder else f
+                    for f in sys.meta_path]
+"""
+
+_READ_WITHOUT_TF = _HIDE_TENSORFLOW + """
+import json
+from dmjax import config as config_lib
+from dmjax.data import pipeline
+
+config = config_lib.base_config()
+config.update_from_flattened_dict(json.loads(sys.argv[1]))
+batch = next(pipeline.create_train_iterator(config))
+eval_batch = next(pipeline.create_eval_batches(config, "test", 2))
+# Building needs no TensorFlow either: every image is encoded with PIL.
+config.data.tfds_dir = sys.argv[2]
+config.data.synthetic.update(num_train=4, num_test=2)
+pipeline.prepare(config)
+assert pipeline.num_examples(config, "train") == 4
+assert "tensorflow" not in sys.modules, "TensorFlow was imported"
+print(json.dumps({key: list(value.shape) for key, value in batch.items()}))
+"""
+
+
+def test_reading_and_building_need_no_tensorflow(tiny_data_config, tmp_path):
+  keys = ("data.tfds_dir", "data.resolution", "data.synthetic.resolution",
+          "data.synthetic.num_train", "data.synthetic.num_test", "batch_size")
+  flat = {key: lookup(tiny_data_config, key) for key in keys}
+  result = subprocess.run(
+      [sys.executable, "-c", _READ_WITHOUT_TF, json.dumps(flat), str(tmp_path)],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  shapes = json.loads(result.stdout.strip().splitlines()[-1])
+  assert shapes == {"bg": [4, 32, 32, 3], "fg_bg": [4, 32, 32, 3], "mask": [4, 32, 32, 1],
+                    "depth": [4, 32, 32, 1]}

@@ -1,0 +1,280 @@
+"""The seed-layout reader on tiny layouts written here: folders, zips, pairing, refusals, splits,
+and the TFDS dataset built from it."""
+
+import io
+import os
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dmjax import config as config_lib
+from dmjax.data import pipeline, seed_layout, sources, tfds_builder
+
+SIZE = 24
+# Named so that sorting differs from writing order: bg number 1 is "attic", not "kitchen".
+BACKGROUNDS = {"kitchen.jpg": (200, 60, 40), "attic.jpg": (40, 180, 60),
+               "bedroom.jpg": (50, 70, 210)}
+SORTED_COLORS = [BACKGROUNDS[name] for name in sorted(BACKGROUNDS)]
+NUM_FG, NUM_PLACEMENTS = 2, 2
+NUM_COMPOSITES = len(BACKGROUNDS) * NUM_FG * NUM_PLACEMENTS
+
+
+def jpeg(array, quality=95):
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+  return buffer.getvalue()
+
+
+def composite_name(bg, fg, i, prefix="bgfg"):
+  return f"{prefix}_b{bg:03d}_f{fg:03d}_{i}.jpg"
+
+
+def layout_files():
+  """{folder: {file name: bytes}} of a 3 backgrounds × 2 objects × 2 placements layout."""
+  files = {"bg": {}, "bg_fg": {}, "mask": {}, "depth": {}}
+  for name, color in BACKGROUNDS.items():
+    files["bg"][name] = jpeg(np.full((SIZE, SIZE, 3), color, np.uint8))
+  for bg in range(1, len(BACKGROUNDS) + 1):
+    for fg in range(1, NUM_FG + 1):
+      for i in range(NUM_PLACEMENTS):
+        top, left = 2 + 8 * i, 3 + 6 * fg
+        mask = np.zeros((SIZE, SIZE), np.uint8)
+        mask[top:top + 8, left:left + 8] = 255
+        image = np.full((SIZE, SIZE, 3), SORTED_COLORS[bg - 1], np.uint8)
+        image[mask > 0] = (250, 250, 250)
+        depth = np.tile(np.linspace(0, 255, SIZE).astype(np.uint8), (SIZE, 1))
+        files["bg_fg"][composite_name(bg, fg, i)] = jpeg(image)
+        files["mask"][composite_name(bg, fg, i, "mask")] = jpeg(mask)
+        files["depth"][composite_name(bg, fg, i, "densedepth")] = jpeg(depth, quality=75)
+  return files
+
+
+def write_folders(root, files):
+  for folder, contents in files.items():
+    os.makedirs(os.path.join(root, folder), exist_ok=True)
+    for name, data in contents.items():
+      with open(os.path.join(root, folder, name), "wb") as f:
+        f.write(data)
+  return str(root)
+
+
+def write_zips(root, files):
+  """bg.zip holds bg/…, bg_fg.zip holds the files themselves, labels.zip holds two folders."""
+  os.makedirs(root, exist_ok=True)
+  with zipfile.ZipFile(os.path.join(root, "bg.zip"), "w") as archive:
+    for name, data in files["bg"].items():
+      archive.writestr(f"bg/{name}", data)
+  with zipfile.ZipFile(os.path.join(root, "bg_fg.zip"), "w") as archive:
+    for name, data in files["bg_fg"].items():
+      archive.writestr(name, data)
+  with zipfile.ZipFile(os.path.join(root, "labels.zip"), "w") as archive:
+    archive.writestr("__MACOSX/mask/._junk", b"")
+    for folder in ("mask", "depth"):
+      for name, data in files[folder].items():
+        archive.writestr(f"export/{folder}/{name}", data)
+  return str(root)
+
+
+def write_single_zip(root, files):
+  os.makedirs(root, exist_ok=True)
+  path = os.path.join(root, "seed.zip")
+  with zipfile.ZipFile(path, "w") as archive:
+    for folder, contents in files.items():
+      for name, data in contents.items():
+        archive.writestr(f"seed/{folder}/{name}", data)
+  return path
+
+
+WRITERS = {"folders": write_folders, "zips": write_zips, "single_zip": write_single_zip}
+
+
+def layout_config(**overrides):
+  layout = config_lib.base_config().data.seed_layout
+  layout.update(overrides)
+  return layout
+
+
+@pytest.fixture
+def folder_root(tmp_path):
+  return write_folders(tmp_path / "seed", layout_files())
+
+
+@pytest.mark.parametrize("kind", sorted(WRITERS))
+def test_pairs_by_name_with_the_sorted_background(kind, tmp_path):
+  root = WRITERS[kind](tmp_path / "seed", layout_files())
+  with seed_layout.SeedLayout(root, layout_config()) as layout:
+    assert len(layout.composites) == NUM_COMPOSITES and layout.num_backgrounds == 3
+    for composite in layout.composites:
+      bg_number = int(composite.key.split("_")[1][1:])
+      assert composite.bg_index == bg_number - 1
+      assert composite.bg.name == sorted(BACKGROUNDS)[bg_number - 1]
+      assert composite.mask.name == composite.key.replace("bgfg", "mask")
+      assert composite.depth.name == composite.key.replace("bgfg", "densedepth")
+      example = layout.load(composite)
+      color = np.array(SORTED_COLORS[bg_number - 1])
+      assert np.abs(example["bg"].reshape(-1, 3).mean(0) - color).max() < 3
+      outside = example["fg_bg"][example["mask"][..., 0] < 128]
+      assert np.abs(np.median(outside, axis=0) - color).max() < 4
+      assert example["bg"].dtype == example["fg_bg"].dtype == example["mask"].dtype == np.uint8
+      assert example["mask"].shape == example["depth"].shape == (SIZE, SIZE, 1)
+      assert example["depth"].dtype == np.uint16
+      assert np.all(example["depth"] % 257 == 0)  # d = v / 255 exactly.
+      assert example["depth"][0, 0, 0] < example["depth"][0, -1, 0]  # 0 = nearest, kept.
+
+
+def break_layout(root, what):
+  """Introduces one problem into a folder layout; returns the file an error must name."""
+  name = composite_name(2, 1, 1)
+  if what == "missing mask":
+    os.remove(os.path.join(root, "mask", composite_name(2, 1, 1, "mask")))
+  elif what == "missing depth":
+    os.remove(os.path.join(root, "depth", composite_name(2, 1, 1, "densedepth")))
+  elif what == "corrupt jpeg":
+    path = os.path.join(root, "bg_fg", name)
+    with open(path, "rb") as f:
+      data = f.read()
+    with open(path, "wb") as f:
+      f.write(data[:len(data) // 3])
+  elif what == "mismatched size":
+    with open(os.path.join(root, "mask", composite_name(2, 1, 1, "mask")), "wb") as f:
+      f.write(jpeg(np.zeros((SIZE - 4, SIZE), np.uint8)))
+  elif what == "bg out of range":
+    name = composite_name(4, 1, 0)
+    files = layout_files()
+    for folder, prefix in (("bg_fg", "bgfg"), ("mask", "mask"), ("depth", "densedepth")):
+      with open(os.path.join(root, folder, composite_name(4, 1, 0, prefix)), "wb") as f:
+        f.write(files[folder][composite_name(1, 1, 0, prefix)])
+  return name
+
+
+PROBLEMS = {
+    "missing mask": r"missing mask partner mask/mask_b002_f001_1\.jpg",
+    "missing depth": r"missing depth partner depth/densedepth_b002_f001_1\.jpg",
+    "corrupt jpeg": r"unreadable image",
+    "mismatched size": r"size 24x24 but its partner .*mask_b002_f001_1\.jpg is 24x20",
+    "bg out of range": r"bg number 004 is out of range: bg/ has 3 images",
+}
+
+
+@pytest.mark.parametrize("what", sorted(PROBLEMS))
+def test_bad_examples_are_refused_naming_the_file(what, folder_root):
+  name = break_layout(folder_root, what)
+  with pytest.raises(ValueError) as raised:
+    with seed_layout.SeedLayout(folder_root, layout_config()) as layout:
+      list(layout.encoded_examples(layout.composites))
+  message = str(raised.value)
+  assert "\n" not in message
+  assert name in message and "skip_bad" in message
+  assert raised.match(PROBLEMS[what])
+
+
+def test_skip_bad_counts_and_lists_the_bad_examples(folder_root):
+  broken = [break_layout(folder_root, what) for what in ("bg out of range", "corrupt jpeg")]
+  os.remove(os.path.join(folder_root, "depth", composite_name(3, 2, 0, "densedepth")))
+  broken.append(composite_name(3, 2, 0))
+  with seed_layout.SeedLayout(folder_root, layout_config(skip_bad=True)) as layout:
+    assert len(layout.composites) == NUM_COMPOSITES - 1  # Partner problems: found by name.
+    assert len(layout.skipped) == 2
+    kept = [c.key for c, _ in layout.encoded_examples(layout.composites)]
+    assert len(kept) == NUM_COMPOSITES - 2
+    skipped_files = [os.path.basename(file) for file, _ in layout.skipped]
+    assert sorted(skipped_files) == sorted(broken)
+    assert not set(kept) & set(broken)
+
+
+def test_image_split_is_reproducible_and_disjoint(folder_root):
+  with seed_layout.SeedLayout(folder_root, layout_config()) as layout:
+    composites = layout.composites
+  split = seed_layout.split_composites(composites, "image", 0.3, seed=0)
+  again = seed_layout.split_composites(composites, "image", 0.3, seed=0)
+  assert split == again
+  train, test = ({c.key for c in split[s]} for s in ("train", "test"))
+  assert len(test) == round(NUM_COMPOSITES * 0.3) and not train & test
+  assert train | test == {c.key for c in composites}
+  others = [{c.key for c in seed_layout.split_composites(composites, "image", 0.3, seed=s)["test"]}
+            for s in range(1, 4)]
+  assert any(other != test for other in others)
+  # Image-level: the test set shares backgrounds with training (the seed's leak).
+  assert {c.bg_index for c in split["test"]} & {c.bg_index for c in split["train"]}
+
+
+def test_background_split_holds_out_whole_backgrounds(folder_root):
+  with seed_layout.SeedLayout(folder_root, layout_config()) as layout:
+    split = seed_layout.split_composites(layout.composites, "background", 0.3, seed=0)
+  train_bgs = {c.bg_index for c in split["train"]}
+  test_bgs = {c.bg_index for c in split["test"]}
+  assert len(test_bgs) == 1 and not train_bgs & test_bgs and train_bgs | test_bgs == {0, 1, 2}
+  assert len(split["test"]) == NUM_FG * NUM_PLACEMENTS
+
+
+def test_split_settings_are_checked():
+  with pytest.raises(ValueError, match="seed_layout.split='bg'"):
+    seed_layout.split_composites([], "bg", 0.3, seed=0)
+  with pytest.raises(ValueError, match="test_fraction=1.5"):
+    seed_layout.split_composites([], "image", 1.5, seed=0)
+
+
+def test_missing_folder_is_named(tmp_path):
+  files = layout_files()
+  del files["depth"]
+  root = write_folders(tmp_path / "seed", files)
+  with pytest.raises(ValueError, match="no folder 'depth'"):
+    seed_layout.SeedLayout(root, layout_config())
+
+
+def seed_config(data_dir, tfds_dir, **layout_overrides):
+  config = config_lib.base_config()
+  config.data.source = "seed"
+  config.data.dir = str(data_dir)
+  config.data.tfds_dir = str(tfds_dir)
+  config.data.resolution = 16
+  config.data.seed_layout.update(layout_overrides)
+  config.eval_batch_size = 4
+  return config
+
+
+@pytest.mark.parametrize("kind", ["folders", "single_zip"])
+def test_tfds_dataset_built_from_the_layout_reads_back(kind, tmp_path):
+  files = layout_files()
+  root = WRITERS[kind](tmp_path / "seed", files)
+  config = seed_config(root, tmp_path / "tfds")
+  pipeline.prepare(config)
+  assert pipeline.num_examples(config, "train") == 8
+  assert pipeline.num_examples(config, "test") == 4
+
+  with seed_layout.SeedLayout(root, config.data.seed_layout) as layout:
+    expected = seed_layout.split_composites(layout.composites, "image", 0.3, seed=0)["test"]
+    source = sources.get_source(config)
+    data_source = source.builder.as_data_source("test", decoders=tfds_builder.RAW_DECODERS)
+    for index, composite in enumerate(expected):
+      raw = data_source[index]
+      assert raw["fg_bg"] == files["bg_fg"][composite.key]  # The seed's JPEG bytes, kept.
+      stored, loaded = tfds_builder.decode_example(raw), layout.load(composite)
+      for key in loaded:
+        np.testing.assert_array_equal(stored[key], loaded[key], err_msg=key)
+
+  batch = next(pipeline.create_eval_batches(config, "test"))
+  assert batch["fg_bg"].shape == (4, 16, 16, 3) and batch["depth"].shape == (4, 16, 16, 1)
+  assert next(pipeline.create_train_iterator(config))["mask"].shape == (32, 16, 16, 1)
+
+
+def test_dataset_names_keep_settings_apart(tmp_path):
+  settings = [("a", {}), ("b", {}), ("a", {"split": "background"}), ("a", {"test_fraction": 0.25}),
+              ("a", {"mask_pattern": "m_{bg}_{fg}_{i}.png"})]
+  names = {sources.get_source(seed_config(d, tmp_path, **o)).name for d, o in settings}
+  assert len(names) == 5
+
+
+def test_building_refuses_a_bad_layout(folder_root, tmp_path):
+  break_layout(folder_root, "mismatched size")
+  config = seed_config(folder_root, tmp_path / "tfds")
+  with pytest.raises(ValueError, match="mask_b002_f001_1.jpg"):
+    pipeline.prepare(config)
+  shutil.rmtree(tmp_path / "tfds")
+  config.data.seed_layout.skip_bad = True
+  pipeline.prepare(config)
+  assert (pipeline.num_examples(config, "train") + pipeline.num_examples(config, "test")
+          == NUM_COMPOSITES - 1)
