@@ -141,7 +141,8 @@ def test_registry_refuses_unknown_name():
 def test_pixel_shuffle_follows_pytorch_order(r, channels):
   batch, height, width = 2, 3, 4
   x = np.random.default_rng(0).normal(size=(batch, height, width, channels * r * r))
-  expected = np.zeros((batch, height * r, width * r, channels))
+  x = x.astype(np.float32)  # What JAX computes in: the values must move, not round.
+  expected = np.zeros((batch, height * r, width * r, channels), np.float32)
   # PyTorch: out[n, c, h·r + i, w·r + j] = in[n, c·r² + i·r + j, h, w], here in NHWC.
   for n, c, h, w, i, j in itertools.product(range(batch), range(channels), range(height),
                                             range(width), range(r), range(r)):

@@ -65,6 +65,10 @@ _EXAMPLE_STREAM = 2
 _ROOM_CACHE_BYTES = 192 << 20
 _NOISE_SIZE = 64  # Side of the value-noise lattice; a power of two so indices wrap with `&`.
 _MIN_RESOLUTION = 16
+# Objects are placed on a grid of floor cells of this many rows and columns, and image margins are
+# fractions of the image, so an example shows the same scene at every resolution.
+_PLACEMENT_GRID = 64
+_EDGE = 1 / 80  # Margin objects keep from the image border, as a fraction of its side.
 
 
 # --------------------------------------------------------------------------------------------
@@ -712,13 +716,13 @@ class _RoomImage:
   color: np.ndarray
   depth: np.ndarray  # (R, R) float32 z-depth in metres at the fg_bg frame's pixel centres.
   surface: np.ndarray  # (R, R) int16
-  floor_pixels: np.ndarray  # Flat indices into the fg_bg frame.
+  floor_cells: np.ndarray  # Flat indices of _PLACEMENT_GRID cells whose centre sees floor.
   margin: int
   exposure: float  # Scale the camera applied to irradiance x albedo.
 
   @property
   def nbytes(self) -> int:
-    return sum(a.nbytes for a in (self.color, self.depth, self.surface, self.floor_pixels))
+    return sum(a.nbytes for a in (self.color, self.depth, self.surface, self.floor_cells))
 
 
 def _margin(resolution: int) -> int:
@@ -736,19 +740,25 @@ def _render_room(layout: RoomLayout, resolution: int) -> _RoomImage:
   light = _light(layout, hits.points, hits.normals) * _occlusion(layout, hits)[:, None]
   color = np.where(glows[:, None], albedo * 1.6, albedo * light)
   color = color.reshape(canvas, 2, canvas, 2, 3).mean(axis=(1, 3))
-  exposure = layout.brightness / max(float(color.mean()), 1e-3)
+  inner = color[margin:margin + resolution, margin:margin + resolution]
+  exposure = layout.brightness / max(float(inner.mean()), 1e-3)
   color = np.minimum(color * exposure, 1.0).astype(np.float32).transpose(2, 0, 1).copy()
   # Geometry exactly at the pixel centres of the fg_bg frame.
   centres = np.arange(resolution, dtype=np.float32) + 0.5
   directions = layout.camera.rays(centres[:, None], centres[None, :], resolution)
   hits = _cast(layout, directions.reshape(-1, 3))
   surface = hits.surface.reshape(resolution, resolution)
+  # Where an object's feet may go: floor, above the bottom row of cells.
+  cells = (np.arange(_PLACEMENT_GRID - 1, dtype=np.float32) + 0.5) * (resolution / _PLACEMENT_GRID)
+  cell_columns = (np.arange(_PLACEMENT_GRID, dtype=np.float32) + 0.5) * (
+      resolution / _PLACEMENT_GRID)
+  directions = layout.camera.rays(cells[:, None], cell_columns[None, :], resolution)
+  floor_cells = np.flatnonzero(_cast(layout, directions.reshape(-1, 3)).surface == FLOOR)
   return _RoomImage(
       color=color,
       depth=hits.depth.reshape(resolution, resolution).astype(np.float32),
       surface=surface,
-      # Where an object's feet may go: floor, above the bottom two rows.
-      floor_pixels=np.flatnonzero(surface[:-2] == FLOOR).astype(np.int32),
+      floor_cells=floor_cells.astype(np.int32),
       margin=margin,
       exposure=exposure,
   )
@@ -1153,13 +1163,15 @@ def _place_object(layout: RoomLayout, room_image: _RoomImage, resolution: int,
                   attempt: int) -> _Placement | None:
   """A random stance on a visible floor point, or None where it does not fit."""
   camera = layout.camera
-  floor = room_image.floor_pixels
+  floor = room_image.floor_cells
   if not len(floor):
     return None
-  # The nearer of two floor pixels: more objects near the camera, as in photos taken of a pet
+  # The nearer of two floor cells: more objects near the camera, as in photos taken of a pet
   # rather than of a room.
-  row, col = divmod(int(floor[rng.integers(len(floor), size=2)].max()), resolution)
-  direction = camera.rays(row + rng.random(), col + rng.random(), resolution).astype(np.float64)
+  row, col = divmod(int(floor[rng.integers(len(floor), size=2)].max()), _PLACEMENT_GRID)
+  cell = resolution / _PLACEMENT_GRID
+  direction = camera.rays((row + rng.random()) * cell, (col + rng.random()) * cell,
+                          resolution).astype(np.float64)
   # Fewer big objects fit, so later attempts shrink the height range.
   shrink = 0.85**max(0, attempt - 10)
   height = math.exp(rng.uniform(math.log(height_range[0]), math.log(height_range[1]))) * shrink
@@ -1172,7 +1184,8 @@ def _place_object(layout: RoomLayout, room_image: _RoomImage, resolution: int,
   # An object too tall for the frame above its feet is made shorter rather than moved, so near
   # the camera sizes are drawn among those that fit.
   start = contact - camera.position
-  top_row = 2.0 - resolution / 2  # Row 2, relative to the centre of the image.
+  edge = resolution * _EDGE
+  top_row = 2 * edge - resolution / 2  # Relative to the centre of the image.
   slope = top_row / focal_length_px(resolution)
   along, rise = start @ camera.forward, start @ camera.down
   ceiling = (slope * along - rise) / (camera.down[2] - slope * camera.forward[2])
@@ -1188,7 +1201,7 @@ def _place_object(layout: RoomLayout, room_image: _RoomImage, resolution: int,
   normal /= distance
   across = np.array([normal[1], -normal[0], 0.0])
   contact_row, contact_col = camera.project(contact, resolution)
-  if contact_row > resolution - 2:
+  if contact_row > resolution - 2 * edge:
     return None
   for _ in range(2):
     shape = unit_shape.scaled_to(height)
@@ -1198,16 +1211,16 @@ def _place_object(layout: RoomLayout, room_image: _RoomImage, resolution: int,
     ends = contact + np.outer([left, right], across)
     corners = np.concatenate([ends, ends + (0.0, 0.0, top)])
     rows, cols = camera.project(corners, resolution)
-    if rows.min() >= 1 and cols.min() >= 1 and rows.max() <= resolution - 1 and (
-        cols.max() <= resolution - 1):
+    if rows.min() >= edge and cols.min() >= edge and rows.max() <= resolution - edge and (
+        cols.max() <= resolution - edge):
       break
     # Too wide for where it stands: shrink it about its feet (image offsets from the contact
     # point scale nearly linearly with its size) and check again.
-    room_left, room_right = contact_col - 1, resolution - 1 - contact_col
+    room_left, room_right = contact_col - edge, resolution - edge - contact_col
     need_left, need_right = contact_col - cols.min(), cols.max() - contact_col
     fit = min(room_left / max(need_left, 1e-6), room_right / max(need_right, 1e-6),
-              (contact_row - 1) / max(contact_row - rows.min(), 1e-6))
-    if fit < 0.4 or rows.max() > resolution - 1:
+              (contact_row - edge) / max(contact_row - rows.min(), 1e-6))
+    if fit < 0.4 or rows.max() > resolution - edge:
       return None
     height *= 0.97 * fit
   else:

@@ -77,14 +77,16 @@ def icnr_init(r: int, base_init: Initializer = torch_conv_init) -> Initializer:
 
 
 def binomial_blur(x: Array) -> Array:
-  """Depthwise 3x3 binomial blur ([1, 2, 1]² / 16) with edge padding; keeps the shape.
+  """Depthwise 3x3 binomial blur ([1, 2, 1]² / 16) with reflect padding; keeps the shape.
 
   After a 2x pixel shuffle it removes the period-2 (checkerboard) component exactly while keeping
   the image centred, unlike the 2x2 average used by Sugawara et al. which shifts by half a pixel.
+  Reflect (not edge) padding keeps that true at the border: the mirrored neighbour has the
+  opposite phase, as an interior one does.
   """
 
   def blur_axis(y: Array, axis: int) -> Array:
-    padded = jnp.pad(y, [(1, 1) if a == axis else (0, 0) for a in range(y.ndim)], mode="edge")
+    padded = jnp.pad(y, [(1, 1) if a == axis else (0, 0) for a in range(y.ndim)], mode="reflect")
     size = y.shape[axis]
     before = jax.lax.slice_in_dim(padded, 0, size, axis=axis)
     centre = jax.lax.slice_in_dim(padded, 1, size + 1, axis=axis)
