@@ -1,40 +1,92 @@
 """Throughput measurements, one JSON line per measurement on stdout.
 
-  python -m dmjax.benchmark --config=configs/r64.py --what=pipeline,render
+  python -m dmjax.benchmark --config=configs/r64.py --what=step,predict,e2e,pipeline,max_batch
 
 Every line has `what`, `images_per_sec` (quartets per second), `device`, `jax_version`,
-`config`, `batch_size` and `dtype`, plus what the measurement varies. Measurements live in
+`config`, `batch_size` and `dtype`, plus what the measurement varies, the host's load, host
+memory (`host_rss_mb` now, `host_peak_rss_mb` since the process started) and the device's peak
+memory (`device_peak_memory_mb`, since the process started; null on CPU, where JAX keeps no
+statistics). Rows that compile a program also give its own memory (`program_memory_mb`:
+arguments + outputs + temporaries, from XLA's memory analysis). Measurements live in
 `MEASUREMENTS`, {what: function(config) -> iterable of rows}; add new ones there.
 
-  pipeline  the grain training pipeline alone (decode, joint augmentation, resize, normalise,
-            batch) at 64 and 192 px with 0, 1 and 2 worker processes, over a small dataset built
-            for the purpose (rendered at the size that stage's config renders at)
-  render    the synthetic renderer alone at 80 and 192 px: `images_per_sec` once the example's
-            room is rendered (what a long build mostly does), `cold_images_per_sec` when every
-            example needs a new room
+  step       training steps on a batch already on the device, compiled ahead of time, timed in
+             `--repeats` rounds of whole steps lasting at least `--repeat_seconds` each; median,
+             min and max images/s, XLA's FLOPs per image, the achieved FLOP/s and its fraction
+             of the device's peak (dmjax.flops). The runners, timed in turn within each round so
+             that the host's load falls on all alike:
+               configured  the config's own model, losses and optimizer (what training runs);
+               compare     each of `--models` with BCE + Dice on both heads and SGD (momentum
+                           0.9, weight decay 1e-5), the loss and optimizer of the PyTorch side;
+               torch seed  dmjax.models.torch_seed (the seed in PyTorch) as the seed trained it:
+                           float32, NCHW, cudnn.benchmark;
+               torch best  the same as well as PyTorch can: bfloat16 autocast, channels-last and
+                           torch.compile (`compile` says whether it worked).
+             Compare rows carry `ratio_to_torch_seed` and `ratio_to_torch_best`: the median over
+             rounds of the ratio within each round. Without torch the torch rows are replaced by
+             one row saying so.
+  predict    inference (sigmoid outputs, BatchNorm in inference mode) of each of `--models` at
+             batch 1 (`latency_ms`) and at `--predict_batch` (throughput), on one device
+  e2e        real training: the config's training step fed by the grain pipeline (its
+             `data.num_workers`), beside the same step on a device-resident batch in the same
+             rounds; `e2e_over_step` below 1 means the input pipeline starves the device
+  pipeline   the grain training pipeline alone (decode, joint augmentation, resize, normalise,
+             batch) at 64 and 192 px with 0, 1 and 2 worker processes, over a small dataset built
+             for the purpose (rendered at the size that stage's config renders at)
+  max_batch  the largest training batch of the config's model and recipe that fits on the device
+             at `--max_batch_resolution`: found by trying batches on a GPU; on a CPU, where the
+             limit is host memory shared with everything else, only an estimate from XLA's
+             memory analysis at two batch sizes
+  render     the synthetic renderer alone at 80 and 192 px: `images_per_sec` once the example's
+             room is rendered (what a long build mostly does), `cold_images_per_sec` when every
+             example needs a new room
 
-This module must not import TensorFlow: it runs on the accelerator machines, which have none.
+This module must not import TensorFlow (the accelerator machines have none) and imports torch
+only when a measurement asks for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import itertools
 import json
+import math
 import os
+import resource
+import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dmjax import evaluation, flops, models, train
 from dmjax.data import pipeline, synthetic
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=False)
-_WHAT = flags.DEFINE_list("what", ["pipeline", "render"], "Measurements to run, in order.")
+_WHAT = flags.DEFINE_list("what", ["step", "predict", "e2e", "pipeline", "max_batch"],
+                          "Measurements to run, in order.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds of the step, predict and e2e rows.")
+_REPEAT_SECONDS = flags.DEFINE_float(
+    "repeat_seconds", 2.0, "Least time of one timed repeat (whole steps; at least one).")
+_MODELS = flags.DEFINE_list("models", ["depthmasknet", "depthmasknet_v2"],
+                            "Models of the compare rows of `step` and of `predict`.")
+_DTYPES = flags.DEFINE_list("dtypes", [],
+                            "Compute dtypes of the compare rows; empty = config.model.dtype.")
+_TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch seed beside dmjax in `step`.")
+_TORCH_VARIANTS = flags.DEFINE_list("torch_variants", ["seed", "best"],
+                                    "PyTorch runners: seed (float32) and/or best (AMP).")
+_TORCH_COMPILE = flags.DEFINE_bool("torch_compile", True,
+                                   "Use torch.compile in the `best` PyTorch runner.")
+_PREDICT_BATCH = flags.DEFINE_integer("predict_batch", 256, "Large batch of the predict rows.")
+_MAX_BATCH_RESOLUTION = flags.DEFINE_integer("max_batch_resolution", 192,
+                                             "Input size of the max_batch row.")
 _PIPELINE_RESOLUTIONS = flags.DEFINE_list("pipeline_resolutions", ["64", "192"],
                                           "Model input sizes to measure the pipeline at.")
 _PIPELINE_WORKERS = flags.DEFINE_list("pipeline_workers", ["0", "1", "2"],
@@ -44,12 +96,22 @@ _PIPELINE_EXAMPLES = flags.DEFINE_integer(
 _RENDER_RESOLUTIONS = flags.DEFINE_list("render_resolutions", ["80", "192"],
                                         "Render sizes to measure the renderer at.")
 _SECONDS = flags.DEFINE_float("seconds", 10.0,
-                              "Time per measurement, after warm-up (or --max_batches first).")
+                              "Time per pipeline and render measurement, after warm-up (or "
+                              "--max_batches first).")
 _MAX_BATCHES = flags.DEFINE_integer("max_batches", 400, "Most batches per pipeline measurement.")
 _WARMUP_BATCHES = flags.DEFINE_integer("warmup_batches", 5,
                                        "Batches not timed (worker start-up, first reads).")
 
 Row = dict
+MiB = 2**20
+
+# The loss and optimizer of the compare rows, the same on the PyTorch side (`_torch_bce_dice`,
+# torch.optim.SGD): the seed's BCE + Dice, here on both heads, so that neither side is charged
+# for a loss the other does not compute.
+COMPARE_LOSS = {"mask_bce": 1.0, "mask_dice": 1.0, "depth_l1": 0.0, "depth_ssim": 0.0,
+                "depth_edge": 0.0, "depth_bce_dice": 1.0, "dice_per_image": False}
+COMPARE_OPTIMIZER = {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9, "weight_decay": 1e-5,
+                     "schedule": "step", "step_every": 0, "grad_clip_norm": 0.0}
 
 
 def _timed_rate(step: Callable[[], int], *, seconds: float, max_steps: int) -> tuple[float, int]:
@@ -62,6 +124,302 @@ def _timed_rate(step: Callable[[], int], *, seconds: float, max_steps: int) -> t
     if time.perf_counter() - start >= seconds:
       break
   return items / (time.perf_counter() - start), steps
+
+
+@dataclasses.dataclass
+class Runner:
+  """Something timed in whole steps: `run(n)` does n steps of `batch_size` and waits for them."""
+
+  name: str
+  run: Callable[[int], None]
+  batch_size: int
+  row: Row = dataclasses.field(default_factory=dict)  # What describes it in its output row.
+
+
+def _seconds_of(run: Callable[[int], None], steps: int) -> float:
+  start = time.perf_counter()
+  run(steps)
+  return time.perf_counter() - start
+
+
+def interleaved_rates(runners: list[Runner], *, repeats: int,
+                      repeat_seconds: float) -> dict[str, list[float]]:
+  """Images/s of every runner in each of `repeats` rounds.
+
+  Each runner first runs a step untimed (first-call work: allocation, autotuning, compilation
+  where it is lazy) and a timed one that sizes its repeats. A round then times every runner in
+  turn, so a change in the host's load falls on all of them, and per-round ratios cancel it.
+  """
+  steps = {}
+  for runner in runners:
+    runner.run(1)
+    steps[runner.name] = max(1, math.ceil(repeat_seconds / _seconds_of(runner.run, 1)))
+  rates = {runner.name: [] for runner in runners}
+  for _ in range(repeats):
+    for runner in runners:
+      n = steps[runner.name]
+      rates[runner.name].append(n * runner.batch_size / _seconds_of(runner.run, n))
+  return rates
+
+
+def _rate_fields(rates: list[float]) -> Row:
+  return {"images_per_sec": round(statistics.median(rates), 2),
+          "images_per_sec_min": round(min(rates), 2), "images_per_sec_max": round(max(rates), 2),
+          "repeats": len(rates)}
+
+
+def _median_ratio(numerator: list[float], denominator: list[float]) -> float:
+  return round(statistics.median(a / b for a, b in zip(numerator, denominator, strict=True)), 3)
+
+
+def random_batch(batch_size: int, resolution: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A training batch of the pipeline's shapes and dtypes (values only need to be plausible)."""
+  rng = np.random.default_rng(seed)
+  shape = (batch_size, resolution, resolution)
+  return {"bg": rng.standard_normal((*shape, 3), np.float32),
+          "fg_bg": rng.standard_normal((*shape, 3), np.float32),
+          "mask": (rng.random((*shape, 1)) < 0.1).astype(np.float32),
+          "depth": rng.random((*shape, 1), np.float32)}
+
+
+def program_memory_mb(compiled) -> float | None:
+  """Arguments + outputs + temporaries of a compiled program (donated arguments counted once)."""
+  try:
+    stats = compiled.memory_analysis()
+  except NotImplementedError:
+    return None
+  if stats is None:
+    return None
+  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  return round(total / MiB, 1)
+
+
+class JaxTrainer:
+  """A config's training step (`train.make_train_step`), compiled once, on a resident batch.
+
+  `run(n)` dispatches n steps without waiting in between (the state is donated from one to the
+  next, as in training) and waits for the last; with `batches`, each step takes the next host
+  batch instead, as training does.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray]):
+    mesh = evaluation.create_mesh()
+    model = models.create_model(config.model)
+    tx = train.create_optimizer(config)
+    self._sharding = evaluation.batch_sharding(mesh)
+    self._state = jax.device_put(
+        train.create_train_state(config, model, tx, jax.random.PRNGKey(config.seed)),
+        evaluation.replicated(mesh))
+    self.batch = evaluation.to_global(batch, self._sharding)
+    step = train.make_train_step(model, tx, config.loss, mesh)
+    self.compiled = step.lower(self._state, self.batch).compile()
+    self.batch_size = config.batch_size
+
+  def run(self, steps: int, batches: Iterator[dict[str, np.ndarray]] | None = None) -> None:
+    state = self._state
+    for _ in range(steps):
+      batch = self.batch if batches is None else evaluation.to_global(next(batches),
+                                                                      self._sharding)
+      state, _ = self.compiled(state, batch)
+    self._state = jax.block_until_ready(state)
+
+  def fields(self) -> Row:
+    flops_per_step = flops.compiled_flops(self.compiled)
+    return {"flops_per_image": None if flops_per_step is None else flops_per_step / self.batch_size,
+            "program_memory_mb": program_memory_mb(self.compiled)}
+
+
+def compare_config(config: ml_collections.ConfigDict, model_name: str,
+                   dtype: str) -> ml_collections.ConfigDict:
+  """The config's stage with `model_name`, trained with the PyTorch side's loss and optimizer."""
+  config = config.copy_and_resolve_references()
+  config.model.name = model_name
+  config.model.dtype = dtype
+  config.loss.update(COMPARE_LOSS)
+  config.optimizer.update(COMPARE_OPTIMIZER)
+  return config
+
+
+def _torch_bce_dice(logits, target):
+  """dmjax's bce_loss + batch-global dice_loss (smooth 1), in PyTorch."""
+  import torch  # noqa: PLC0415
+
+  probs = torch.sigmoid(logits)
+  dice = 1.0 - (2.0 * (probs * target).sum() + 1.0) / (probs.sum() + target.sum() + 1.0)
+  return torch.nn.functional.binary_cross_entropy_with_logits(logits, target) + dice
+
+
+class TorchTrainer:
+  """dmjax.models.torch_seed trained with the compare rows' loss and optimizer.
+
+  variant "seed": float32, NCHW, cudnn.benchmark, eager (how the seed trained). "best": bfloat16
+  autocast, channels-last, and torch.compile when `compile` (falling back to eager, with
+  `compile` = "compile_failed: ..." in its row, when compiling fails).
+  """
+
+  def __init__(self, variant: str, batch: dict[str, np.ndarray], *, compile: bool):
+    import torch  # noqa: PLC0415
+
+    from dmjax.models import torch_seed  # noqa: PLC0415
+
+    if variant not in ("seed", "best"):
+      raise ValueError(f"--torch_variants: unknown {variant!r}; known: seed, best")
+    self._torch = torch
+    self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    self._amp = variant == "best"
+    layout = torch.channels_last if self._amp else torch.contiguous_format
+    model = torch_seed.DepthMaskNetTorch().to(self.device, memory_format=layout).train()
+    self._optimizer = torch.optim.SGD(model.parameters(), lr=COMPARE_OPTIMIZER["learning_rate"],
+                                      momentum=COMPARE_OPTIMIZER["momentum"],
+                                      weight_decay=COMPARE_OPTIMIZER["weight_decay"])
+    # NHWC arrays -> NCHW tensors (channels-last keeps NHWC in memory under the NCHW shape).
+    self._inputs = {k: torch.from_numpy(v).permute(0, 3, 1, 2).to(self.device).contiguous(
+        memory_format=layout) for k, v in batch.items()}
+    self.batch_size = len(batch["bg"])
+    self._forward = model
+    self.compile = "off"
+    if self._amp and compile:
+      self._forward = torch.compile(model)
+      self.compile = "on"
+    if self.device.type == "cuda":
+      torch.cuda.reset_peak_memory_stats()
+    try:
+      self._step()  # Compiles, where torch.compile works.
+    except Exception as error:  # noqa: BLE001 -- any failure of the compiler: report, go eager.
+      if self._forward is model:
+        raise
+      logging.warning("torch.compile failed, timing eager PyTorch instead: %s", error)
+      self.compile = f"compile_failed: {type(error).__name__}"
+      self._forward = model
+      self._step()
+
+  def _step(self) -> None:
+    torch = self._torch
+    self._optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
+      mask, depth = self._forward(self._inputs["bg"], self._inputs["fg_bg"])
+    loss = (_torch_bce_dice(mask.float(), self._inputs["mask"])
+            + _torch_bce_dice(depth.float(), self._inputs["depth"]))
+    loss.backward()
+    self._optimizer.step()
+
+  def run(self, steps: int) -> None:
+    for _ in range(steps):
+      self._step()
+    if self.device.type == "cuda":
+      self._torch.cuda.synchronize()
+
+  def fields(self) -> Row:
+    torch = self._torch
+    peak = (torch.cuda.max_memory_allocated() / MiB if self.device.type == "cuda" else None)
+    return {"torch_version": torch.__version__, "torch_device": str(self.device),
+            "torch_threads": torch.get_num_threads(), "compile": self.compile,
+            "dtype": "bfloat16 (autocast)" if self._amp else "float32",
+            "torch_peak_memory_mb": None if peak is None else round(peak, 1)}
+
+
+@functools.cache
+def _peak_flops(dtype: str) -> tuple[float, str]:
+  return flops.peak_flops(jax.devices()[0], dtype)
+
+
+def _efficiency_fields(flops_per_image: float | None, images_per_sec: float, dtype: str) -> Row:
+  if flops_per_image is None:
+    return {"flops_per_image": None}
+  peak, source = _peak_flops("bfloat16" if dtype.startswith("bfloat16") else "float32")
+  achieved = flops_per_image * images_per_sec
+  return {"flops_per_image": round(flops_per_image), "achieved_tflops": round(achieved / 1e12, 4),
+          "peak_tflops": round(peak / 1e12, 3), "peak_source": source,
+          "fraction_of_peak": round(achieved / peak, 4)}
+
+
+def _torch_runners(batch: dict[str, np.ndarray]) -> tuple[list[Runner], list[Row]]:
+  """The PyTorch runners, or none and a row that says why."""
+  if not _TORCH.value:
+    return [], []
+  try:
+    import torch  # noqa: F401, PLC0415
+  except ImportError:
+    return [], [{"what": "step", "framework": "torch", "images_per_sec": None,
+                 "note": "torch is not installed (pip install -e '.[torch]'): skipped"}]
+  runners = []
+  for variant in _TORCH_VARIANTS.value:
+    trainer = TorchTrainer(variant, batch, compile=_TORCH_COMPILE.value)
+    runners.append(Runner(f"torch_{variant}", trainer.run, trainer.batch_size,
+                          {"framework": "torch", "model": "torch_seed", "variant": variant,
+                           "loss": "bce_dice", "optimizer": "sgd", **trainer.fields()}))
+  return runners, []
+
+
+def measure_step(config: ml_collections.ConfigDict) -> Iterable[Row]:
+  batch = random_batch(config.batch_size, config.data.resolution)
+  runners = []
+  trainer = JaxTrainer(config, batch)
+  runners.append(Runner("configured", trainer.run, trainer.batch_size, {
+      "framework": "jax", "model": config.model.name, "variant": "configured", "loss": "config",
+      "optimizer": config.optimizer.name, "dtype": config.model.dtype, **trainer.fields()}))
+  compare_names = []
+  for model_name, dtype in itertools.product(_MODELS.value, _DTYPES.value or [config.model.dtype]):
+    trainer = JaxTrainer(compare_config(config, model_name, dtype), batch)
+    compare_names.append(f"{model_name}:{dtype}")
+    runners.append(Runner(compare_names[-1], trainer.run, trainer.batch_size, {
+        "framework": "jax", "model": model_name, "variant": "compare", "loss": "bce_dice",
+        "optimizer": "sgd", "dtype": dtype, **trainer.fields()}))
+  torch_runners, notes = _torch_runners(batch)
+  # The PyTorch model is the seed: charge it the XLA FLOPs of dmjax's seed model, so that both
+  # sides' fractions of peak are of the same count.
+  seed_flops = next((r.row["flops_per_image"] for r in runners if r.row["model"] == "depthmasknet"
+                     and r.row["variant"] == "compare"), None)
+  for runner in torch_runners:
+    runner.row["flops_per_image"] = seed_flops
+  runners += torch_runners
+
+  rates = interleaved_rates(runners, repeats=_REPEATS.value, repeat_seconds=_REPEAT_SECONDS.value)
+  for runner in runners:
+    row = {"what": "step", "resolution": config.data.resolution, **runner.row,
+           **_rate_fields(rates[runner.name])}
+    row.update(_efficiency_fields(row.pop("flops_per_image"), row["images_per_sec"],
+                                  row["dtype"]))
+    if runner.name in compare_names:
+      for torch_runner in torch_runners:
+        row[f"ratio_to_{torch_runner.name}"] = _median_ratio(rates[runner.name],
+                                                             rates[torch_runner.name])
+    yield row
+  yield from notes
+
+
+def measure_predict(config: ml_collections.ConfigDict) -> Iterable[Row]:
+  resolution = config.data.resolution
+  for model_name in _MODELS.value:
+    model_config = config.model.copy_and_resolve_references()
+    model_config.name = model_name
+    model = models.create_model(model_config)
+    variables = jax.device_put(
+        train.initial_variables(model, jax.random.PRNGKey(0), resolution))
+    predict = jax.jit(functools.partial(evaluation.predict, model))
+    for batch_size in (1, _PREDICT_BATCH.value):
+      images = random_batch(batch_size, resolution)
+      batch = jax.device_put({"bg": images["bg"], "fg_bg": images["fg_bg"]})
+      compiled = predict.lower(variables, batch).compile()
+
+      def run(calls: int, compiled=compiled, variables=variables, batch=batch) -> None:
+        for _ in range(calls):  # Each call waits for its result: this is latency.
+          jax.block_until_ready(compiled(variables, batch))
+
+      rates = interleaved_rates([Runner("predict", run, batch_size)], repeats=_REPEATS.value,
+                                repeat_seconds=_REPEAT_SECONDS.value)["predict"]
+      row = {"what": "predict", "model": model_name, "batch_size": batch_size,
+             "resolution": resolution, **_rate_fields(rates),
+             "latency_ms": round(1e3 * batch_size / statistics.median(rates), 2),
+             "program_memory_mb": program_memory_mb(compiled)}
+      flops_per_call = flops.compiled_flops(compiled)
+      row.update(_efficiency_fields(
+          None if flops_per_call is None else flops_per_call / batch_size, row["images_per_sec"],
+          config.model.dtype))
+      yield row
 
 
 def _pipeline_config(config: ml_collections.ConfigDict, resolution: int,
@@ -78,13 +436,36 @@ def _pipeline_config(config: ml_collections.ConfigDict, resolution: int,
   return config
 
 
+def _train_iterator(config: ml_collections.ConfigDict) -> pipeline.TrainIterator:
+  with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout is for rows.
+    pipeline.prepare(config)
+  return pipeline.create_train_iterator(config, process_index=0, process_count=1)
+
+
+def measure_e2e(config: ml_collections.ConfigDict) -> Iterable[Row]:
+  run_config = _pipeline_config(config, config.data.resolution, config.data.num_workers)
+  iterator = _train_iterator(run_config)
+  try:
+    trainer = JaxTrainer(run_config, next(iterator))
+    resident = Runner("step", trainer.run, trainer.batch_size)
+    fed = Runner("e2e", functools.partial(trainer.run, batches=iterator), trainer.batch_size)
+    rates = interleaved_rates([resident, fed], repeats=_REPEATS.value,
+                              repeat_seconds=_REPEAT_SECONDS.value)
+  finally:
+    iterator.close()
+  yield {"what": "e2e", "model": config.model.name, "resolution": config.data.resolution,
+         "num_workers": run_config.data.num_workers, **_rate_fields(rates["e2e"]),
+         "step_images_per_sec": round(statistics.median(rates["step"]), 2),
+         "e2e_over_step": _median_ratio(rates["e2e"], rates["step"]),
+         "augment": bool(run_config.data.augment.enabled),
+         "program_memory_mb": program_memory_mb(trainer.compiled)}
+
+
 def measure_pipeline(config: ml_collections.ConfigDict) -> Iterable[Row]:
   for resolution in map(int, _PIPELINE_RESOLUTIONS.value):
     for num_workers in map(int, _PIPELINE_WORKERS.value):
       run_config = _pipeline_config(config, resolution, num_workers)
-      with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout is for rows.
-        pipeline.prepare(run_config)
-      iterator = pipeline.create_train_iterator(run_config, process_index=0, process_count=1)
+      iterator = _train_iterator(run_config)
       try:
         for _ in range(_WARMUP_BATCHES.value):
           next(iterator)
@@ -98,6 +479,73 @@ def measure_pipeline(config: ml_collections.ConfigDict) -> Iterable[Row]:
              "source_resolution": (run_config.data.synthetic.resolution
                                    if run_config.data.source == "synthetic" else None),
              "augment": bool(run_config.data.augment.enabled), "batches": batches}
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+  message = str(error)
+  return "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower()
+
+
+def _fits(config: ml_collections.ConfigDict, batch_size: int) -> bool:
+  config = config.copy_and_resolve_references()
+  config.batch_size = batch_size
+  try:
+    JaxTrainer(config, random_batch(batch_size, config.data.resolution)).run(1)
+  except Exception as error:  # noqa: BLE001 -- XLA raises its own runtime error types.
+    if _is_out_of_memory(error):
+      return False
+    raise
+  return True
+
+
+def largest_fitting_batch(fits: Callable[[int], bool], start: int, multiple: int) -> tuple[int,
+                                                                                          int]:
+  """(largest batch that fits, smallest that failed), to within 1/32 of the former.
+
+  Doubles from `start` until a batch fails, then bisects; batches stay multiples of `multiple`
+  (the device count). Raises if `start` itself does not fit.
+  """
+  if not fits(start):
+    raise ValueError(f"batch {start} does not fit")
+  good, bad = start, 2 * start
+  while fits(bad):
+    good, bad = bad, 2 * bad
+  while bad - good > max(multiple, good // 32):
+    middle = (good + bad) // 2 // multiple * multiple
+    good, bad = (middle, bad) if fits(middle) else (good, middle)
+  return good, bad
+
+
+def _program_bytes(config: ml_collections.ConfigDict, batch_size: int) -> float:
+  config = config.copy_and_resolve_references()
+  config.batch_size = batch_size
+  compiled = JaxTrainer(config, random_batch(batch_size, config.data.resolution)).compiled
+  return program_memory_mb(compiled) * MiB
+
+
+def measure_max_batch(config: ml_collections.ConfigDict) -> Iterable[Row]:
+  run_config = config.copy_and_resolve_references()
+  run_config.data.resolution = _MAX_BATCH_RESOLUTION.value
+  stats = jax.devices()[0].memory_stats() or {}
+  row = {"what": "max_batch", "images_per_sec": None, "model": config.model.name,
+         "resolution": run_config.data.resolution}
+  if "bytes_limit" in stats:
+    good, bad = largest_fitting_batch(functools.partial(_fits, run_config),
+                                      start=jax.device_count(), multiple=jax.device_count())
+    yield {**row, "max_batch": good, "first_failed_batch": bad,
+           "memory_limit_mb": round(stats["bytes_limit"] / MiB)}
+    return
+  # No device memory limit (CPU): memory is linear in the batch, so two compiled programs give
+  # the slope; nothing is run, so the host (shared) is not pushed into swapping.
+  small, large = 8, 16
+  small_bytes, large_bytes = _program_bytes(run_config, small), _program_bytes(run_config, large)
+  per_image = (large_bytes - small_bytes) / (large - small)
+  host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  yield {**row, "max_batch": None,
+         "estimated_max_batch": int((host_bytes - (small_bytes - small * per_image)) // per_image),
+         "program_mb_per_image": round(per_image / MiB, 2),
+         "memory_limit_mb": round(host_bytes / MiB),
+         "note": "estimate against the host's physical memory from XLA's memory analysis"}
 
 
 def measure_render(config: ml_collections.ConfigDict) -> Iterable[Row]:
@@ -125,7 +573,11 @@ def measure_render(config: ml_collections.ConfigDict) -> Iterable[Row]:
 
 
 MEASUREMENTS: dict[str, Callable[[ml_collections.ConfigDict], Iterable[Row]]] = {
+    "step": measure_step,
+    "predict": measure_predict,
+    "e2e": measure_e2e,
     "pipeline": measure_pipeline,
+    "max_batch": measure_max_batch,
     "render": measure_render,
 }
 
@@ -138,19 +590,37 @@ def _common_fields(config: ml_collections.ConfigDict) -> Row:
           "batch_size": config.batch_size, "dtype": config.model.dtype}
 
 
+def memory_fields() -> Row:
+  """Host RSS now and at its peak, and the device's peak memory in use (null where unknown)."""
+  # ru_maxrss is in KiB on Linux (bytes on macOS, which this project does not target).
+  row = {"host_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+  try:
+    with open("/proc/self/statm") as statm:
+      row["host_rss_mb"] = round(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MiB,
+                                 1)
+  except OSError:
+    row["host_rss_mb"] = None
+  peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+  row["device_peak_memory_mb"] = None if peak is None else round(peak / MiB, 1)
+  return row
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   unknown = [what for what in _WHAT.value if what not in MEASUREMENTS]
   if unknown:
     raise app.UsageError(f"--what: unknown {unknown}; known: {sorted(MEASUREMENTS)}")
+  # Set before JAX starts its backend. Without it JAX takes 75% of GPU memory up front: PyTorch
+  # in the same process would starve, and the peak memory in use would read as that 75%.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   config = _CONFIG.value
   common = _common_fields(config)
   for what in _WHAT.value:
     for row in MEASUREMENTS[what](config):
       # Other work on the host slows every measurement; the load says how much to trust one.
       row["load_avg_1m"] = round(os.getloadavg()[0], 2)
-      print(json.dumps({**common, **row}), flush=True)
+      print(json.dumps({**common, **row, **memory_fields()}), flush=True)
   if "tensorflow" in sys.modules:
     logging.warning("TensorFlow was imported; the accelerator machines cannot run it.")
 

