@@ -20,6 +20,8 @@ Mask, with prediction and label both binarised as `value > 0.5`:
   mask_iou_per_image    label and an empty prediction scores 1 (a correct "no object" answer),
                         an empty label with any predicted pixel scores 0.
   mask_mae              mean |p - t| over all pixels, probabilities against the soft label.
+  (mask_boundary_f, the boundary F-score, is per image and host-side: `boundary_f_score`; the
+  evaluate tool reports its mean over images.)
 
 Depth, over valid pixels only: those whose true depth is at least `schema.DEPTH_VALID_MIN` (the seed
 data's per-image rescale puts each image's nearest pixel at exactly 0, where ratios are undefined).
@@ -64,8 +66,11 @@ collection global; under plain jit over sharded arrays it is global already.
 # No `from __future__ import annotations`: clu's Collection reads the metric classes from
 # `__annotations__`, which would then hold strings.
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from clu import metrics as clu_metrics
 from flax import struct
 
@@ -296,3 +301,78 @@ def compute_metrics(mask_prob, depth_pred, batch, axis_name=None) -> EvalMetrics
       name: metric_types[name].from_sums(numerator, denominator)
       for name, (numerator, denominator) in sums.items()
   })
+
+
+# Boundary F-score: host-side numpy, because it is per image and needs a neighbourhood search;
+# evaluation computes it on the predictions it has fetched anyway.
+
+BOUNDARY_TOLERANCE = 0.008  # Of the image diagonal (SPEC §3).
+
+
+def mask_boundary(masks):
+  """Boolean (..., H, W): object pixels with a 4-neighbour outside the object.
+
+  Outside the image counts as more of the same pixel, so where an object is cut off by the frame
+  the cut is not an edge of it.
+  """
+  masks = np.asarray(masks, bool)
+  pad = [(0, 0)] * (masks.ndim - 2) + [(1, 1), (1, 1)]
+  padded = np.pad(masks, pad, mode="edge")
+  interior = (padded[..., :-2, 1:-1] & padded[..., 2:, 1:-1] & padded[..., 1:-1, :-2]
+              & padded[..., 1:-1, 2:])
+  return masks & ~interior
+
+
+def boundary_tolerance(height: int, width: int, fraction: float = BOUNDARY_TOLERANCE) -> int:
+  """The match distance in pixels: `fraction` of the diagonal, rounded up as DAVIS does."""
+  return max(1, math.ceil(fraction * math.hypot(height, width)))
+
+
+def _within(points, radius: int):
+  """Pixels within Euclidean distance `radius` of any True pixel of (..., H, W) `points`."""
+  near = np.zeros_like(points)
+  height, width = points.shape[-2:]
+  for dy in range(-radius, radius + 1):
+    for dx in range(-radius, radius + 1):
+      if dy * dy + dx * dx > radius * radius:
+        continue
+      # near[y, x] |= points[y + dy, x + dx] where that pixel exists.
+      near[..., max(0, -dy):height - max(0, dy), max(0, -dx):width - max(0, dx)] |= (
+          points[..., max(0, dy):height + min(0, dy), max(0, dx):width + min(0, dx)])
+  return near
+
+
+def boundary_f_score(mask_prob, mask_true, fraction: float = BOUNDARY_TOLERANCE) -> np.ndarray:
+  """Per-image F-measure of the predicted against the true mask boundary (DAVIS's F).
+
+  Both masks are binarised at 0.5 and their boundaries taken with `mask_boundary`. Precision is
+  the fraction of predicted boundary pixels within `boundary_tolerance` of a true one, recall the
+  converse, F = 2PR / (P + R). An image with neither boundary scores 1, with only one of them 0.
+
+  Args:
+    mask_prob, mask_true: (B, H, W, 1) or (B, H, W) in [0, 1].
+  Returns:
+    float64 (B,).
+  """
+  def boundaries(masks):
+    masks = np.asarray(masks)
+    masks = masks[..., 0] if masks.ndim == 4 else masks
+    return mask_boundary(masks > MASK_THRESHOLD)
+
+  predicted, actual = boundaries(mask_prob), boundaries(mask_true)
+  radius = boundary_tolerance(*predicted.shape[-2:], fraction=fraction)
+  num_predicted = predicted.sum(axis=(-2, -1))
+  num_actual = actual.sum(axis=(-2, -1))
+  precision = _safe_ratio((predicted & _within(actual, radius)).sum(axis=(-2, -1)),
+                          num_predicted, if_empty=1.0)
+  recall = _safe_ratio((actual & _within(predicted, radius)).sum(axis=(-2, -1)), num_actual,
+                       if_empty=1.0)
+  f_score = _safe_ratio(2 * precision * recall, precision + recall, if_empty=0.0)
+  # Only one boundary present: P or R is 1 by the empty convention, the other 0, so F = 0.
+  return np.where((num_predicted == 0) & (num_actual == 0), 1.0, f_score)
+
+
+def _safe_ratio(numerator, denominator, if_empty):
+  numerator, denominator = np.asarray(numerator, np.float64), np.asarray(denominator, np.float64)
+  return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0),
+                  if_empty)

@@ -328,9 +328,9 @@ KEY_METRICS = ("mask_iou", "mask_dice", "depth_rmse", "depth_rmse_aligned", "dep
                "depth_delta1", "checkerboard")
 
 
-def format_metrics_table(results: dict[str, float]) -> str:
+def format_metrics_table(results: dict[str, float], keys=KEY_METRICS) -> str:
   lines = [f"{'metric':<22}{'model':>10}{'baseline':>10}"]
-  for key in KEY_METRICS:
+  for key in keys:
     if key in results:
       baseline = results.get("baseline_" + key)
       shown = f"{baseline:>10.4f}" if baseline is not None else f"{'':>10}"

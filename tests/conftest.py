@@ -45,3 +45,34 @@ def tiny_data_config(tmp_path_factory):
   config = tiny_config(str(tmp_path_factory.mktemp("tfds")))
   pipeline.prepare(config)
   return config
+
+
+def tiny_run_config(config, **overrides):
+  """A copy of `config` for a 6-step run that saves every 2 steps; dotted keys override."""
+  config = config.copy_and_resolve_references()
+  config.num_train_steps = 6
+  config.log_every_steps = 2
+  config.eval_every_steps = 4
+  config.checkpoint_every_steps = 2
+  config.optimizer.warmup_steps = 2
+  config.data.num_eval_examples = 8
+  config.eval_batch_size = 4
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_data_config, tmp_path_factory):
+  """(config, workdir, final metrics) of one uninterrupted tiny run with the real TensorBoard
+  writer, shared by the training and evaluation tests: treat the workdir as read-only."""
+  from dmjax import train
+
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  config = tiny_run_config(tiny_data_config)
+  results = train.train_and_evaluate(config, workdir)
+  return config, workdir, results

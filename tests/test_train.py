@@ -11,28 +11,11 @@ import jax
 import numpy as np
 import pytest
 from clu import metric_writers
+from conftest import tiny_run_config as tiny
 
 from dmjax import checkpoints, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny(config, **overrides):
-  config = config.copy_and_resolve_references()
-  config.num_train_steps = 6
-  config.log_every_steps = 2
-  config.eval_every_steps = 4
-  config.checkpoint_every_steps = 2
-  config.optimizer.warmup_steps = 2
-  config.data.num_eval_examples = 8
-  config.eval_batch_size = 4
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split(".")
-    for part in path:
-      target = target[part]
-    target[last] = value
-  return config
 
 
 class RecordingWriter(metric_writers.MetricWriter):
@@ -82,15 +65,6 @@ def final_params(workdir):
 def assert_trees_equal(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_data_config, tmp_path_factory):
-  """One uninterrupted tiny run with the real TensorBoard writer; shared by several tests."""
-  workdir = str(tmp_path_factory.mktemp("trained"))
-  config = tiny(tiny_data_config)
-  results = train.train_and_evaluate(config, workdir)
-  return config, workdir, results
 
 
 def test_training_writes_checkpoints_events_and_final_metrics(trained):
