@@ -1,0 +1,147 @@
+"""The evaluate tool on the shared tiny run, and the boundary F-score it adds."""
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from PIL import Image
+from test_seed_layout import layout_files, write_folders
+
+from dmjax import evaluate, metrics
+
+
+def reference_boundary_f(mask_prob, mask_true, radius):
+  """DAVIS's F per image from scipy's erosion and exact Euclidean distance transform."""
+  scores = []
+  for pred, true in zip(mask_prob > 0.5, mask_true > 0.5, strict=True):
+    pred_edge = pred & ~ndi.binary_erosion(pred, border_value=1)
+    true_edge = true & ~ndi.binary_erosion(true, border_value=1)
+    if not pred_edge.any() and not true_edge.any():
+      scores.append(1.0)
+      continue
+    if not pred_edge.any() or not true_edge.any():
+      scores.append(0.0)
+      continue
+    precision = np.mean(ndi.distance_transform_edt(~true_edge)[pred_edge] <= radius)
+    recall = np.mean(ndi.distance_transform_edt(~pred_edge)[true_edge] <= radius)
+    total = precision + recall
+    scores.append(2 * precision * recall / total if total else 0.0)
+  return np.array(scores)
+
+
+@pytest.mark.parametrize("size", [32, 200])
+def test_boundary_f_score_matches_distance_transform(size):
+  rng = np.random.default_rng(size)
+  true = np.zeros((8, size, size))
+  for i in range(8):
+    top, left = rng.integers(0, size // 2, 2)
+    height, width = rng.integers(3, size // 2, 2)
+    true[i, top:top + height, left:left + width] = 1
+  pred = np.stack([ndi.shift(t, rng.integers(-3, 4, 2), order=0) for t in true])
+  pred = np.where(rng.random(pred.shape) < 0.02, 1 - pred, pred)  # Speckle: stray edges.
+  pred[6], true[7] = 0, 0  # Only one of the two has an object.
+  pred[5] = true[5]
+  radius = metrics.boundary_tolerance(size, size)
+  assert radius == {32: 1, 200: 3}[size]  # ceil(0.008 × diagonal).
+  scores = metrics.boundary_f_score(pred[..., None], true[..., None])
+  np.testing.assert_allclose(scores, reference_boundary_f(pred, true, radius), rtol=1e-12)
+  assert scores[5] == 1 and scores[6] == 0 and scores[7] == 0
+  assert metrics.boundary_f_score(np.zeros((1, 8, 8)), np.zeros((1, 8, 8))) == [1.0]
+
+
+def test_boundary_f_score_by_hand():
+  true = np.zeros((1, 32, 32))
+  true[0, 8:16, 8:16] = 1  # Boundary: the 28 pixels of the square's outer ring.
+  assert metrics.mask_boundary(true[0] > 0).sum() == 28
+  one_right, two_right = np.roll(true, 1, axis=2), np.roll(true, 2, axis=2)
+  assert metrics.boundary_f_score(one_right, true) == [1.0]  # Within the 1-pixel tolerance.
+  # Two pixels off, of the 28 predicted edge pixels: the far column (8) is 2 away from any true
+  # edge, and so are the middle 4 of the near column, inside the square; the other 16 match.
+  # The same count holds the other way round, so P = R = F = 16 / 28.
+  np.testing.assert_allclose(metrics.boundary_f_score(two_right, true), [16 / 28])
+  frame = np.ones((1, 32, 32))  # Filling the frame: no edge in either, a perfect score.
+  assert metrics.boundary_f_score(frame, frame) == [1.0]
+
+
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def test_evaluate_reproduces_final_metrics_and_writes_everything(trained, tmp_path, capsys):
+  _, workdir, final_metrics = trained
+  output = tmp_path / "out" / "eval.json"
+  evaluate.main([f"--workdir={workdir}", f"--output={output}"])
+  saved = read_json(output)
+  assert saved["step"] == 6 and saved["split"] == "test" and saved["num_examples"] == 8
+  assert saved["data"] == "synthetic" and saved["rank_by"] == "combined"
+  assert saved["workdir"] == os.path.abspath(workdir)
+
+  values = saved["metrics"]
+  new_keys = {"mask_boundary_f", "baseline_mask_boundary_f"}
+  assert set(values) == set(final_metrics) | new_keys
+  assert set(final_metrics) == (set(metrics.EvalMetrics.__annotations__)
+                                | {"baseline_" + k for k in metrics.EvalMetrics.__annotations__})
+  # The same checkpoint, data and baselines as the training run's final evaluation.
+  for key, value in final_metrics.items():
+    assert values[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+  for key in new_keys:
+    assert 0 <= values[key] <= 1
+
+  worst, best = saved["worst"], saved["best"]
+  assert len(worst) == len(best) == 4
+  assert sorted(e["index"] for e in worst + best) == list(range(8))
+  assert min(e["error"] for e in worst) >= max(e["error"] for e in best)
+  assert [e["error"] for e in worst] == sorted((e["error"] for e in worst), reverse=True)
+
+  with Image.open(tmp_path / "out" / "eval_examples.png") as sheet:
+    # Two blocks of 4 rows of 32-px images enlarged ×3, each under a 16-px title.
+    assert sheet.mode == "RGB" and sheet.height == 2 * (16 + 3 * (4 * 34 - 2))
+  events = b"".join(open(p, "rb").read() for p in glob.glob(f"{workdir}/events.out.tfevents.*"))
+  assert b"evaluate/test/mask_boundary_f" in events and b"evaluate/test/examples" in events
+
+  table = capsys.readouterr().out
+  rows = [line.split()[0] for line in table.splitlines()]
+  assert rows[rows.index("mask_iou_per_image") + 1] == "mask_boundary_f"
+  assert "depth_rmse_log_aligned" in rows and not any(r.startswith("baseline_") for r in rows)
+  assert str(output) in table
+
+
+def test_named_step_and_default_output(trained):
+  _, workdir, _ = trained
+  evaluate.main([f"--workdir={workdir}", "--step=4", "--num_kept=0", "--num_examples=4"])
+  saved = read_json(os.path.join(workdir, "eval_test_4.json"))
+  assert saved["step"] == 4 and saved["num_examples"] == 4
+  assert "worst" not in saved and not os.path.exists(os.path.join(workdir,
+                                                                  "eval_test_4_examples.png"))
+
+
+def test_evaluate_on_the_seed_layout(trained, tmp_path):
+  _, workdir, _ = trained
+  root = write_folders(tmp_path / "cats", layout_files())
+  output = tmp_path / "seed.json"
+  evaluate.main([f"--workdir={workdir}", f"--data_dir={root}",
+                 f"--tfds_dir={tmp_path / 'tfds'}", f"--output={output}", "--num_kept=1",
+                 "--rank_by=mask_boundary_f"])
+  saved = read_json(output)
+  assert saved["data"] == "seed" and saved["data_dir"] == root
+  assert saved["num_examples"] == 4  # 30% of the 12 composites.
+  assert all(np.isfinite(v) for v in saved["metrics"].values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--step=3"], r"no checkpoint of step 3; have \[2, 4, 6\]"),
+    (["--split=validation"], "has no split 'validation'"),
+])
+def test_bad_requests_are_one_line_errors(trained, args, message):
+  _, workdir, _ = trained
+  with pytest.raises(SystemExit, match=f"^error: .*{message}"):
+    evaluate.main([f"--workdir={workdir}", *args])
+
+
+def test_workdir_without_checkpoints_is_refused(tmp_path):
+  with pytest.raises(SystemExit, match=f"^error: {tmp_path}/checkpoints: no checkpoints here"):
+    evaluate.main([f"--workdir={tmp_path}"])
