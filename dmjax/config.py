@@ -116,7 +116,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 SEED_STAGES = {64: (512, 3), 112: (128, 3), 192: (32, 2)}
 SEED_EPOCH_EXAMPLES = 280_000
 # What fits a 2-core CPU: (batch size, steps) of each stage.
-CPU_STAGES = {64: (32, 3_000), 112: (16, 1_500), 192: (8, 1_000)}
+CPU_STAGES = {64: (32, 2_400), 112: (16, 1_500), 192: (8, 1_000)}
 
 
 def stage_config(resolution: int, arg: str | None) -> ml_collections.ConfigDict:

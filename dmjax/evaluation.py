@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dmjax import metrics as metrics_lib
+from dmjax import models
 from dmjax.data import baselines as baselines_lib
 from dmjax.data import pipeline
 
@@ -45,9 +46,8 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
 
 
 def predict(model, variables, batch) -> tuple[jax.Array, jax.Array]:
-  """Mask probability and depth in [0, 1], float32, from a model in inference mode."""
-  outputs = model.apply(variables, batch["bg"], batch["fg_bg"], train=False)
-  return jax.nn.sigmoid(outputs["mask"]), jax.nn.sigmoid(outputs["depth"])
+  """Mask probability and depth in [0, 1], float32, for a batch of the pipeline."""
+  return models.predict_probabilities(model, variables, batch["bg"], batch["fg_bg"])
 
 
 def eval_step(variables, batch, *, model) -> metrics_lib.EvalMetrics:

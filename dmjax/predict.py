@@ -106,12 +106,6 @@ def _pad_to_multiple(image: np.ndarray) -> np.ndarray:
   return np.pad(image, ((0, pad_height), (0, pad_width), (0, 0)), mode="edge")
 
 
-def _forward(variables, bg, fg_bg, *, model):
-  # What evaluation.predict does; that module brings the TFDS pipeline with it.
-  outputs = model.apply(variables, bg, fg_bg, train=False)
-  return jax.nn.sigmoid(outputs["mask"]), jax.nn.sigmoid(outputs["depth"])
-
-
 @dataclasses.dataclass
 class Predictor:
   """A trained model that predicts at any image size: `Predictor.from_workdir(workdir)`."""
@@ -129,7 +123,7 @@ class Predictor:
     if self.batch_size < 1:
       raise ValueError(f"batch_size={self.batch_size}: expected at least 1")
     self.variables = jax.device_put(self.variables)
-    self._forward = jax.jit(functools.partial(_forward, model=self.model))
+    self._forward = jax.jit(functools.partial(models.predict_probabilities, self.model))
 
   @classmethod
   def from_workdir(cls, workdir: str, *, step: int | None = None, fit: str = "resize",

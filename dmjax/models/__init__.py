@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -35,6 +36,13 @@ def create_model(model_config: ml_collections.ConfigDict) -> nn.Module:
   kwargs = {k: v for k, v in model_config.items() if k in fields}
   kwargs["dtype"] = jnp.dtype(model_config.get("dtype", "float32"))
   return cls(**kwargs)
+
+
+def predict_probabilities(model: nn.Module, variables, bg: jax.Array,
+                          fg_bg: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mask probability and depth in [0, 1], float32, from a model in inference mode."""
+  outputs = model.apply(variables, bg, fg_bg, train=False)
+  return jax.nn.sigmoid(outputs["mask"]), jax.nn.sigmoid(outputs["depth"])
 
 
 # Imported last: each model module registers itself with `register`, defined above.
