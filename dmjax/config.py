@@ -146,20 +146,21 @@ def stage_config(resolution: int, arg: str | None) -> ml_collections.ConfigDict:
     c.data.synthetic.resolution = 240
     c.data.num_workers = 8
     c.data.num_eval_examples = 2_048
-    c.eval_every_steps = c.num_train_steps // 10
-    c.checkpoint_every_steps = c.num_train_steps // 20
+    # References: `--config.num_train_steps=N` moves these with it.
+    c.eval_every_steps = c.get_ref("num_train_steps") // 10
+    c.checkpoint_every_steps = c.get_ref("num_train_steps") // 20
     c.log_every_steps = 100
     c.eval_batch_size = 256
   else:
     raise ValueError(f"config argument schedule={args.schedule!r}: expected cpu or full")
 
   if args.recipe == "seed":
-    # Decay where the seed's epochs ended: at the same fractions of the stage.
-    steps_per_epoch = c.num_train_steps // SEED_STAGES[resolution][1]
     c.model.name = "depthmasknet"
     c.optimizer.update(name="sgd", learning_rate=0.01, momentum=0.9, weight_decay=1e-5,
-                       schedule="step", step_every=steps_per_epoch, step_factor=0.01,
-                       grad_clip_norm=0.0, warmup_steps=0)
+                       schedule="step", step_factor=0.01, grad_clip_norm=0.0, warmup_steps=0)
+    # Decay where the seed's epochs ended, at the same fractions of the stage, however long
+    # `--config.num_train_steps` makes it.
+    c.optimizer.step_every = c.get_ref("num_train_steps") // SEED_STAGES[resolution][1]
     # Its losses (seed 002), on the sigmoid of the logits rather than the raw logits it used.
     c.loss.update(mask_bce=1.0, mask_dice=1.0, depth_l1=1.0, depth_ssim=1.0, depth_edge=0.0,
                   depth_bce_dice=1.0, ssim_window=3)

@@ -47,23 +47,45 @@ def tiny_data_config(tmp_path_factory):
   return config
 
 
+def copy_of(config, **overrides):
+  """A copy of `config` with dotted keys set, e.g. copy_of(c, **{"data.num_workers": 2})."""
+  config = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    *path, last = key.split(".")
+    parent = config
+    for part in path:
+      parent = parent[part]
+    parent[last] = value
+  return config
+
+
 def tiny_run_config(config, **overrides):
   """A copy of `config` for a 6-step run that saves every 2 steps; dotted keys override."""
-  config = config.copy_and_resolve_references()
-  config.num_train_steps = 6
-  config.log_every_steps = 2
-  config.eval_every_steps = 4
-  config.checkpoint_every_steps = 2
-  config.optimizer.warmup_steps = 2
-  config.data.num_eval_examples = 8
-  config.eval_batch_size = 4
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split(".")
-    for part in path:
-      target = target[part]
-    target[last] = value
-  return config
+  defaults = {"num_train_steps": 6, "log_every_steps": 2, "eval_every_steps": 4,
+              "checkpoint_every_steps": 2, "optimizer.warmup_steps": 2,
+              "data.num_eval_examples": 8, "eval_batch_size": 4}
+  return copy_of(config, **{**defaults, **overrides})
+
+
+# Prepended to a `python -c` script: TensorFlow is then as if not installed, found by no finder
+# (unlike sys.modules[...] = None, which libraries read as "TensorFlow is loaded").
+HIDE_TENSORFLOW = """
+import importlib.machinery, sys
+
+class HideTensorFlow:
+  @classmethod
+  def find_spec(cls, name, path=None, target=None):
+    if name.split(".")[0] == "tensorflow":
+      return None
+    return importlib.machinery.PathFinder.find_spec(name, path, target)
+
+  @classmethod
+  def invalidate_caches(cls):
+    importlib.machinery.PathFinder.invalidate_caches()
+
+sys.meta_path[:] = [HideTensorFlow if f is importlib.machinery.PathFinder else f
+                    for f in sys.meta_path]
+"""
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_run_config
 
 from dmjax import checkpoints
 
@@ -42,15 +43,9 @@ def cpu_env(devices: int) -> dict:
 
 @pytest.fixture(scope="module")
 def distributed_config(tiny_data_config):
-  config = tiny_data_config.copy_and_resolve_references()
-  config.num_train_steps = 3
-  config.log_every_steps = 1
-  config.eval_every_steps = 100
-  config.checkpoint_every_steps = 100
-  config.optimizer.warmup_steps = 1
-  config.data.num_eval_examples = 8
-  config.eval_batch_size = 4
-  return config
+  return tiny_run_config(tiny_data_config, num_train_steps=3, log_every_steps=1,
+                         eval_every_steps=100, checkpoint_every_steps=100,
+                         **{"optimizer.warmup_steps": 1})
 
 
 def test_two_processes_match_one_process_and_restore_in_one(distributed_config, tmp_path):

@@ -9,23 +9,12 @@ import sys
 import grain
 import numpy as np
 import pytest
+from conftest import HIDE_TENSORFLOW, copy_of
 
 from dmjax import config as config_lib
 from dmjax.data import augment, pipeline, schema, sources, tfds_builder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def copy_of(config, **overrides):
-  """A copy of `config` with dotted keys set, e.g. copy_of(c, **{"data.num_workers": 2})."""
-  config = config.copy_and_resolve_references()
-  for key, value in overrides.items():
-    *path, last = key.split(".")
-    parent = config
-    for part in path:
-      parent = parent[part]
-    parent[last] = value
-  return config
 
 
 def lookup(config, key):
@@ -257,27 +246,7 @@ def test_unbuilt_dataset_says_to_prepare(tiny_data_config, tmp_path):
     pipeline.create_train_iterator(config)
 
 
-_HIDE_TENSORFLOW = """
-import importlib.machinery, sys
-
-class HideTensorFlow:
-  # As if TensorFlow were not installed: found by no finder (unlike sys.modules[...] = None,
-  # which libraries read as "TensorFlow is loaded").
-  @classmethod
-  def find_spec(cls, name, path=None, target=None):
-    if name.split(".")[0] == "tensorflow":
-      return None
-    return importlib.machinery.PathFinder.find_spec(name, path, target)
-
-  @classmethod
-  def invalidate_caches(cls):
-    importlib.machinery.PathFinder.invalidate_caches()
-
-sys.meta_path[:] = [HideTensorFlow if f is importlib.machinery.PathFinder else f
-                    for f in sys.meta_path]
-"""
-
-_READ_WITHOUT_TF = _HIDE_TENSORFLOW + """
+_READ_WITHOUT_TF = HIDE_TENSORFLOW + """
 import json
 from dmjax import config as config_lib
 from dmjax.data import pipeline

@@ -7,6 +7,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import HIDE_TENSORFLOW
 from PIL import Image
 
 from dmjax import checkpoints, evaluation, models, predict, train
@@ -257,23 +258,8 @@ def test_bad_input_is_a_one_line_error(problem, workdir, tmp_path, capsys):
   assert snapshot(out) == {"fg_mask.png": b"an earlier result"}
 
 
-_HIDE_TENSORFLOW = """
-import importlib.machinery, runpy, sys
-
-class HideTensorFlow:
-  # As if TensorFlow were not installed (see tests/test_pipeline.py).
-  @classmethod
-  def find_spec(cls, name, path=None, target=None):
-    if name.split(".")[0] == "tensorflow":
-      return None
-    return importlib.machinery.PathFinder.find_spec(name, path, target)
-
-  @classmethod
-  def invalidate_caches(cls):
-    importlib.machinery.PathFinder.invalidate_caches()
-
-sys.meta_path[:] = [HideTensorFlow if f is importlib.machinery.PathFinder else f
-                    for f in sys.meta_path]
+_PREDICT_WITHOUT_TF = HIDE_TENSORFLOW + """
+import runpy
 sys.argv = ["dmjax.predict", *sys.argv[1:]]
 runpy.run_module("dmjax.predict", run_name="__main__")
 assert "tensorflow" not in sys.modules and "tensorflow_datasets" not in sys.modules
@@ -285,7 +271,7 @@ def test_command_line_runs_without_tensorflow(workdir, tmp_path):
   bg, fg_bg = scene(14)
   args = [f"--workdir={workdir}", f"--bg={save(tmp_path / 'bg.jpg', bg)}",
           f"--fg_bg={save(tmp_path / 'fg.png', fg_bg)}", f"--out={tmp_path / 'out'}"]
-  result = subprocess.run([sys.executable, "-c", _HIDE_TENSORFLOW, *args], cwd=REPO,
+  result = subprocess.run([sys.executable, "-c", _PREDICT_WITHOUT_TF, *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert len(os.listdir(tmp_path / "out")) == 3
