@@ -117,6 +117,12 @@ def restore(manager: ocp.CheckpointManager, step: int, *, model, train=None, dat
   return restored["model"], restored.get("train") if train is not None else None, data_restored
 
 
+def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
+  """The config a checkpoint was saved with."""
+  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return ml_collections.ConfigDict(restored["config"])
+
+
 def restore_model(workdir: str, step: int | None = None):
   """Returns (config, variables, step) of a workdir's latest (or given) checkpoint, as numpy.
 

@@ -172,6 +172,17 @@ class _StopRequest:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def warn_about_config_changes(saved: ml_collections.ConfigDict,
+                              config: ml_collections.ConfigDict) -> None:
+  """Resuming with other settings is allowed (say, more steps), but should not go unnoticed."""
+  before, now = dict(_flatten(saved.to_dict())), dict(_flatten(config.to_dict()))
+  changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(before.keys() | now.keys())
+             if before.get(k) != now.get(k)]
+  if changed:
+    logging.warning("Resuming with a config that differs from the checkpoint's: %s",
+                    "; ".join(changed))
+
+
 def check_finite(history: list[tuple[int, dict]]) -> None:
   for step, terms in history:
     if not all(math.isfinite(v) for v in terms.values()):
@@ -226,6 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
         manager, latest, model=state.variables, train=split_state(state)[1],
         data_iterator=train_iter, sharding=evaluation.replicated(mesh))
     state = join_state(model_item, train_item)
+    warn_about_config_changes(checkpoints.restore_config(manager, latest), config)
     if not data_restored:  # Written by another number of processes: one batch per step.
       train_iter.seek(latest)
     logging.info("Resumed from %s at step %d.", manager.directory, latest)

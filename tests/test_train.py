@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -175,3 +176,14 @@ def test_unknown_config_key_is_refused(tmp_path):
       cwd=REPO, capture_output=True, text=True)
   assert result.returncode != 0
   assert "no_such_key" in result.stderr
+
+
+def test_resuming_with_another_config_warns_naming_the_keys(tiny_data_config, caplog):
+  saved = tiny_data_config.copy_and_resolve_references()
+  now = tiny(saved, num_train_steps=9, **{"optimizer.learning_rate": 0.5})
+  with caplog.at_level(logging.WARNING):
+    train.warn_about_config_changes(saved, saved)
+    assert not caplog.text
+    train.warn_about_config_changes(saved, now)
+  assert "num_train_steps: 3000 -> 9" in caplog.text
+  assert "optimizer.learning_rate: 0.002 -> 0.5" in caplog.text
