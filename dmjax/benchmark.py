@@ -21,10 +21,13 @@ arguments + outputs + temporaries, from XLA's memory analysis). Measurements liv
                torch seed  dmjax.models.torch_seed (the seed in PyTorch) as the seed trained it:
                            float32, NCHW, cudnn.benchmark;
                torch best  the same as well as PyTorch can: bfloat16 autocast, channels-last and
-                           torch.compile (`compile` says whether it worked).
-             Compare rows carry `ratio_to_torch_seed` and `ratio_to_torch_best`: the median over
-             rounds of the ratio within each round. Without torch the torch rows are replaced by
-             one row saying so.
+                           torch.compile (`compile` says whether it worked);
+               torch best_fp32  the same in float32: on CPUs without bfloat16 arithmetic,
+                           autocast to bfloat16 makes PyTorch slower, not faster.
+             Compare rows carry `ratio_to_torch_<variant>` for each PyTorch runner: the median
+             over rounds of the ratio within each round. Without torch the torch rows are
+             replaced by one row saying so. FLOPs of the PyTorch rows are XLA's count for
+             dmjax's seed model (the same network), so fractions of peak compare like for like.
   predict    inference (sigmoid outputs, BatchNorm in inference mode) of each of `--models` at
              batch 1 (`latency_ms`) and at `--predict_batch` (throughput), on one device
   e2e        real training: the config's training step fed by the grain pipeline (its
@@ -80,10 +83,10 @@ _MODELS = flags.DEFINE_list("models", ["depthmasknet", "depthmasknet_v2"],
 _DTYPES = flags.DEFINE_list("dtypes", [],
                             "Compute dtypes of the compare rows; empty = config.model.dtype.")
 _TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch seed beside dmjax in `step`.")
-_TORCH_VARIANTS = flags.DEFINE_list("torch_variants", ["seed", "best"],
-                                    "PyTorch runners: seed (float32) and/or best (AMP).")
+_TORCH_VARIANTS = flags.DEFINE_list("torch_variants", ["seed", "best", "best_fp32"],
+                                    "PyTorch runners, keys of TORCH_VARIANTS.")
 _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", True,
-                                   "Use torch.compile in the `best` PyTorch runner.")
+                                   "Use torch.compile in the PyTorch runners that call for it.")
 _PREDICT_BATCH = flags.DEFINE_integer("predict_batch", 256, "Large batch of the predict rows.")
 _MAX_BATCH_RESOLUTION = flags.DEFINE_integer("max_batch_resolution", 192,
                                              "Input size of the max_batch row.")
@@ -154,11 +157,14 @@ def interleaved_rates(runners: list[Runner], *, repeats: int,
   for runner in runners:
     runner.run(1)
     steps[runner.name] = max(1, math.ceil(repeat_seconds / _seconds_of(runner.run, 1)))
+  logging.info("Timing %s steps per repeat.", steps)
   rates = {runner.name: [] for runner in runners}
-  for _ in range(repeats):
+  for round_index in range(repeats):
     for runner in runners:
       n = steps[runner.name]
       rates[runner.name].append(n * runner.batch_size / _seconds_of(runner.run, n))
+    logging.info("Round %d/%d: %s images/s.", round_index + 1, repeats,
+                 {name: round(r[-1], 2) for name, r in rates.items()})
   return rates
 
 
@@ -250,12 +256,21 @@ def _torch_bce_dice(logits, target):
   return torch.nn.functional.binary_cross_entropy_with_logits(logits, target) + dice
 
 
+# PyTorch runners: (bfloat16 autocast, channels-last, torch.compile).
+TORCH_VARIANTS = {
+    "seed": (False, False, False),  # How the seed trained: float32, NCHW, eager.
+    "best": (True, True, True),  # As well as PyTorch can on a GPU.
+    # The same in float32, for CPUs without bfloat16 arithmetic, where autocast slows it down.
+    "best_fp32": (False, True, True),
+}
+
+
 class TorchTrainer:
   """dmjax.models.torch_seed trained with the compare rows' loss and optimizer.
 
-  variant "seed": float32, NCHW, cudnn.benchmark, eager (how the seed trained). "best": bfloat16
-  autocast, channels-last, and torch.compile when `compile` (falling back to eager, with
-  `compile` = "compile_failed: ..." in its row, when compiling fails).
+  `variant` is a key of TORCH_VARIANTS. torch.compile is skipped unless `compile`; when it fails
+  the runner falls back to eager and says so in its row (`compile`: "compile_failed: ...").
+  cudnn.benchmark is on in every variant, as the seed had it.
   """
 
   def __init__(self, variant: str, batch: dict[str, np.ndarray], *, compile: bool):
@@ -263,14 +278,14 @@ class TorchTrainer:
 
     from dmjax.models import torch_seed  # noqa: PLC0415
 
-    if variant not in ("seed", "best"):
-      raise ValueError(f"--torch_variants: unknown {variant!r}; known: seed, best")
+    if variant not in TORCH_VARIANTS:
+      raise ValueError(f"--torch_variants: unknown {variant!r}; known: {sorted(TORCH_VARIANTS)}")
     self._torch = torch
+    self._amp, self._channels_last, use_compile = TORCH_VARIANTS[variant]
     self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    self._amp = variant == "best"
-    layout = torch.channels_last if self._amp else torch.contiguous_format
+    layout = torch.channels_last if self._channels_last else torch.contiguous_format
     model = torch_seed.DepthMaskNetTorch().to(self.device, memory_format=layout).train()
     self._optimizer = torch.optim.SGD(model.parameters(), lr=COMPARE_OPTIMIZER["learning_rate"],
                                       momentum=COMPARE_OPTIMIZER["momentum"],
@@ -281,7 +296,7 @@ class TorchTrainer:
     self.batch_size = len(batch["bg"])
     self._forward = model
     self.compile = "off"
-    if self._amp and compile:
+    if use_compile and compile:
       self._forward = torch.compile(model)
       self.compile = "on"
     if self.device.type == "cuda":
@@ -316,8 +331,10 @@ class TorchTrainer:
     torch = self._torch
     peak = (torch.cuda.max_memory_allocated() / MiB if self.device.type == "cuda" else None)
     return {"torch_version": torch.__version__, "torch_device": str(self.device),
-            "torch_threads": torch.get_num_threads(), "compile": self.compile,
+            "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "compile": self.compile,
             "dtype": "bfloat16 (autocast)" if self._amp else "float32",
+            "channels_last": self._channels_last,
             "torch_peak_memory_mb": None if peak is None else round(peak, 1)}
 
 
@@ -614,6 +631,10 @@ def main(argv):
   # Set before JAX starts its backend. Without it JAX takes 75% of GPU memory up front: PyTorch
   # in the same process would starve, and the peak memory in use would read as that 75%.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  # Read by PyTorch's OpenMP runtime when torch is imported. Its default spins at barriers: on a
+  # shared host (another process on a core) that made its steps 3-5x slower, which is not
+  # PyTorch's speed but a scheduling accident; sleeping threads lose little when a core is free.
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   config = _CONFIG.value
   common = _common_fields(config)
   for what in _WHAT.value:

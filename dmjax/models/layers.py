@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from dmjax.models import cpu_conv
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -104,10 +106,13 @@ def batch_norm(train: bool, dtype, name: str | None = None) -> nn.BatchNorm:
 
 def conv(features: int, kernel: int, dtype, *, dilation: int = 1, name: str | None = None,
          kernel_init: Initializer = torch_conv_init) -> nn.Conv:
-  """Bias-free 'same' conv (padding = dilation · (kernel - 1) / 2, as the originals used)."""
+  """Bias-free 'same' conv (padding = dilation · (kernel - 1) / 2, as the originals used).
+
+  Its kernel gradient on CPU is computed as in `cpu_conv`, several times faster than XLA's own.
+  """
   return nn.Conv(features, (kernel, kernel), padding="SAME", kernel_dilation=dilation,
                  use_bias=False, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
-                 name=name)
+                 conv_general_dilated=cpu_conv.conv_general_dilated, name=name)
 
 
 class ConvBNReLU(nn.Module):

@@ -1,0 +1,106 @@
+"""The benchmark harness on a tiny config: its rows, its FLOP counts, its search for a batch.
+
+Nothing here asserts a speed: the host is shared, so only the fields and their signs are checked.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dmjax import benchmark, flops, losses, models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON_FIELDS = ("what", "images_per_sec", "device", "jax_version", "config", "batch_size",
+                 "dtype", "load_avg_1m", "host_rss_mb", "host_peak_rss_mb",
+                 "device_peak_memory_mb")
+SPEC_SEED_GMAC_64 = 0.823  # SPEC §1: forward MACs per image of the seed model at 64 x 64.
+
+
+def _run_benchmark(*args):
+  # recipe=seed: the default recipe's step (SSIM 11) alone takes ~50 s to compile on 2 cores.
+  command = [sys.executable, "-m", "dmjax.benchmark", "--config=configs/r64.py:recipe=seed",
+             "--config.data.resolution=32", "--config.batch_size=2", "--repeats=1",
+             "--repeat_seconds=0", *args]
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_step_and_predict_rows_have_their_fields_and_positive_rates():
+  rows = _run_benchmark("--what=step,predict", "--models=depthmasknet", "--predict_batch=2",
+                        "--torch_variants=seed,best", "--torch_compile=false")
+  for row in rows:
+    assert set(COMMON_FIELDS) <= set(row), row
+    assert row["device_peak_memory_mb"] is None or row["device_peak_memory_mb"] > 0
+    assert row["host_peak_rss_mb"] > 0
+  steps = [r for r in rows if r["what"] == "step"]
+  jax_rows = {r["variant"]: r for r in steps if r["framework"] == "jax"}
+  assert set(jax_rows) == {"configured", "compare"}
+  for row in jax_rows.values():
+    assert row["images_per_sec"] > 0 and row["flops_per_image"] > 0
+    assert 0 < row["fraction_of_peak"] and row["program_memory_mb"] > 0
+  assert jax_rows["configured"]["optimizer"] == "sgd" and jax_rows["configured"]["loss"] == "config"
+  assert jax_rows["compare"]["model"] == "depthmasknet"
+  torch_rows = [r for r in steps if r["framework"] == "torch"]
+  if any("note" in r for r in torch_rows):  # torch not installed: one row says so.
+    assert len(torch_rows) == 1
+  else:
+    assert {r["variant"] for r in torch_rows} == {"seed", "best"}
+    assert all(r["images_per_sec"] > 0 and r["compile"] == "off" for r in torch_rows)
+    assert jax_rows["compare"]["ratio_to_torch_seed"] > 0
+    assert jax_rows["compare"]["ratio_to_torch_best"] > 0
+  predicts = [r for r in rows if r["what"] == "predict"]
+  assert sorted(r["batch_size"] for r in predicts) == [1, 2]
+  assert all(r["images_per_sec"] > 0 and r["latency_ms"] > 0 for r in predicts)
+
+
+def test_xla_flops_of_the_seed_model_match_spec():
+  # XLA skips the taps that land on zero padding; SPEC §1 (ptflops) counts them. At 64 px the
+  # seed's padded taps are 8.2% of its MACs (most in the 8 x 8 dilated convs of encode4).
+  model = models.create_model(benchmark.compare_config(
+      _r64_config(), "depthmasknet", "float32").model)
+  images = jnp.zeros((1, 64, 64, 3), jnp.float32)
+  variables = model.init(jax.random.PRNGKey(0), images, images)
+  forward = jax.jit(lambda v, a, b: model.apply(v, a, b)).lower(variables, images, images)
+  ratio = flops.compiled_flops(forward.compile()) / (2 * SPEC_SEED_GMAC_64 * 1e9)
+  assert 0.91 < ratio < 0.93
+
+
+def _r64_config():
+  from dmjax import config as config_lib
+
+  return config_lib.stage_config(64, None)
+
+
+def test_peak_table_matches_device_kinds():
+  assert flops.table_peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert flops.table_peak_flops("NVIDIA H100 PCIe", "float32") == 378e12
+  assert flops.table_peak_flops("NVIDIA A100-SXM4-40GB", "bfloat16") == 312e12
+  assert flops.table_peak_flops("Tesla P100-PCIE-16GB", "bfloat16") is None
+  assert flops.table_peak_flops("cpu", "float32") is None
+
+
+@pytest.mark.parametrize("limit", [1, 7, 100, 1000])
+def test_largest_fitting_batch_brackets_the_limit(limit):
+  good, bad = benchmark.largest_fitting_batch(lambda b: b <= limit, start=1, multiple=1)
+  assert good <= limit < bad
+  assert bad - good <= max(1, good // 32)
+
+
+def test_torch_loss_is_the_compare_loss():
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(0)
+  batch = benchmark.random_batch(2, 16)
+  logits = {k: rng.standard_normal((2, 16, 16, 1)).astype(np.float32) for k in ("mask", "depth")}
+  expected, _ = losses.compute_losses(logits, batch, benchmark.COMPARE_LOSS)
+  as_torch = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2)
+  got = sum(benchmark._torch_bce_dice(as_torch(logits[k]), as_torch(batch[k]))
+            for k in ("mask", "depth"))
+  np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
