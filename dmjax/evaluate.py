@@ -169,26 +169,22 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, split: str = "
   mesh = evaluation.create_mesh()
   model = models.create_model(config.model)
 
-  def batches():
-    return pipeline.create_eval_batches(config, split, num_examples,
-                                        batch_size=config.eval_batch_size)
-
   replicated, sharded = evaluation.replicated(mesh), evaluation.batch_sharding(mesh)
   model_step = jax.jit(functools.partial(predict_and_measure, model=model),
                        in_shardings=(replicated, sharded),
                        out_shardings=(replicated, sharded, sharded))
   tally = ExampleTally(error=rank_by, num_kept=num_kept)
-  results = evaluation.evaluate(_recording(model_step, tally), variables, batches(), mesh)
+  batches = pipeline.create_eval_batches(config, split, num_examples,
+                                         batch_size=config.eval_batch_size)
+  results = evaluation.evaluate(_recording(model_step, tally), variables, batches, mesh)
   _insert_after(results, "mask_iou_per_image", "mask_boundary_f", tally.mean_boundary_f())
 
   # The baselines' predictions ride in the batch (see evaluation.with_baseline_predictions).
-  baseline_step = evaluation.make_baseline_step(mesh)
   baseline_tally = ExampleTally()
-  baseline_results = evaluation.evaluate(
-      _recording(lambda v, b: (baseline_step(v, b), b["mask_prob"], b["depth_pred"]),
-                 baseline_tally),
-      None, evaluation.with_baseline_predictions(batches(), *evaluation.fit_baselines(config)),
-      mesh, prefix="baseline_")
+  baseline_results = evaluation.evaluate_baselines(
+      config, mesh, split, num_examples,
+      wrap_step=lambda step: _recording(
+          lambda v, b: (step(v, b), b["mask_prob"], b["depth_pred"]), baseline_tally))
   _insert_after(baseline_results, "baseline_mask_iou_per_image", "baseline_mask_boundary_f",
                 baseline_tally.mean_boundary_f())
   return Evaluation(workdir=workdir, config=config, step=step, split=split,

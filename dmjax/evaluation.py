@@ -103,6 +103,21 @@ def with_baseline_predictions(batches: Iterable[dict], mask_baseline,
                depth_pred=depth_baseline.predict(len(bg)).astype(np.float32))
 
 
+def evaluate_baselines(config, mesh: Mesh, split: str, num_examples: int = -1, *,
+                       wrap_step: Callable[[Callable], Callable] | None = None) -> dict[str, float]:
+  """Fits both baselines on training data and evaluates them on `split` (`baseline_` keys).
+
+  `wrap_step`, if given, wraps the jitted step, e.g. to look at each batch's predictions.
+  """
+  mask_baseline, depth_baseline = fit_baselines(config)
+  batches = pipeline.create_eval_batches(config, split, num_examples,
+                                         batch_size=config.eval_batch_size)
+  step = make_baseline_step(mesh)
+  return evaluate(wrap_step(step) if wrap_step else step, None,
+                  with_baseline_predictions(batches, mask_baseline, depth_baseline), mesh,
+                  prefix="baseline_")
+
+
 def baseline_step(_, batch) -> metrics_lib.EvalMetrics:
   return metrics_lib.compute_metrics(batch["mask_prob"], batch["depth_pred"], batch)
 

@@ -315,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
 
   logging.info("Training took %s; evaluating.", format_duration(time.time() - started))
   results = run_eval(config.num_train_steps, -1)
-  results.update(evaluate_baselines(config, mesh))
+  results.update(evaluation.evaluate_baselines(config, mesh, config.data.eval_split))
   writer.write_scalars(config.num_train_steps,
                        {"final/" + k: v for k, v in results.items()})
   writer.flush()
@@ -324,16 +324,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
     logging.info("Final held-out metrics:\n%s", format_metrics_table(results))
   manager.close()
   return results
-
-
-def evaluate_baselines(config, mesh) -> dict[str, float]:
-  mask_baseline, depth_baseline = evaluation.fit_baselines(config)
-  batches = pipeline.create_eval_batches(config, config.data.eval_split, -1,
-                                         batch_size=config.eval_batch_size)
-  return evaluation.evaluate(evaluation.make_baseline_step(mesh), None,
-                             evaluation.with_baseline_predictions(batches, mask_baseline,
-                                                                  depth_baseline),
-                             mesh, prefix="baseline_")
 
 
 KEY_METRICS = ("mask_iou", "mask_dice", "depth_rmse", "depth_rmse_aligned", "depth_abs_rel",
