@@ -1,6 +1,6 @@
 """Throughput measurements, one JSON line per measurement on stdout.
 
-  python -m dmjax.benchmark --config=configs/r64.py --what=step,predict,e2e,pipeline,max_batch
+  python -m dmjax.benchmark --config=configs/r64.py [--what=step,augment,predict,e2e,...]
 
 Every line has `what`, `images_per_sec` (quartets per second), `device`, `jax_version`,
 `config`, `batch_size` and `dtype`, plus what the measurement varies, the host's load, host
@@ -31,11 +31,16 @@ arguments + outputs + temporaries, from XLA's memory analysis). Measurements liv
   predict    inference (sigmoid outputs, BatchNorm in inference mode) of each of `--models` at
              batch 1 (`latency_ms`) and at `--predict_batch` (throughput), on one device
   e2e        real training: the config's training step fed by the grain pipeline (its
-             `data.num_workers`), beside the same step on a device-resident batch in the same
-             rounds; `e2e_over_step` below 1 means the input pipeline starves the device
-  pipeline   the grain training pipeline alone (decode, joint augmentation, resize, normalise,
-             batch) at 64 and 192 px with 0, 1 and 2 worker processes, over a small dataset built
-             for the purpose (rendered at the size that stage's config renders at)
+             `data.num_workers`) through train.DevicePrefetcher, beside the same step on a
+             device-resident batch in the same rounds; `e2e_over_step` below 1 means the input
+             pipeline starves the device. `--e2e_modes` feeds it each way of PIPELINE_MODES
+  augment    dmjax.data.device_augment alone on a device-resident stored batch: what
+             on-device augmentation (data.on_device) adds to the step
+  pipeline   the grain training pipeline alone at 64 and 192 px with 0, 1 and 2 worker
+             processes, over a small dataset built for the purpose (rendered at the size that
+             stage's config renders at), in each of `--pipeline_modes` (PIPELINE_MODES): `host`
+             decodes, augments, resizes, normalises and batches; `on_device` decodes and
+             batches stored examples; `predecoded` gathers them from predecoded arrays
   max_batch  the largest training batch of the config's model and recipe that fits on the device
              at `--max_batch_resolution`: found by trying batches on a GPU; on a CPU, where the
              limit is host memory shared with everything else, only an estimate from XLA's
@@ -73,7 +78,7 @@ from dmjax import evaluation, flops, models, train
 from dmjax.data import pipeline, synthetic
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=False)
-_WHAT = flags.DEFINE_list("what", ["step", "predict", "e2e", "pipeline", "max_batch"],
+_WHAT = flags.DEFINE_list("what", ["step", "augment", "predict", "e2e", "pipeline", "max_batch"],
                           "Measurements to run, in order.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds of the step, predict and e2e rows.")
 _REPEAT_SECONDS = flags.DEFINE_float(
@@ -92,6 +97,11 @@ _MAX_BATCH_RESOLUTION = flags.DEFINE_integer("max_batch_resolution", 192,
                                              "Input size of the max_batch row.")
 _PIPELINE_RESOLUTIONS = flags.DEFINE_list("pipeline_resolutions", ["64", "192"],
                                           "Model input sizes to measure the pipeline at.")
+_PIPELINE_MODES = flags.DEFINE_list("pipeline_modes", ["host", "on_device", "predecoded"],
+                                    "What the host does, keys of PIPELINE_MODES.")
+_E2E_MODES = flags.DEFINE_list("e2e_modes", [],
+                               "How e2e feeds the step, keys of PIPELINE_MODES; empty = as the "
+                               "config does.")
 _PIPELINE_WORKERS = flags.DEFINE_list("pipeline_workers", ["0", "1", "2"],
                                       "grain worker-process counts to measure.")
 _PIPELINE_EXAMPLES = flags.DEFINE_integer(
@@ -188,6 +198,32 @@ def random_batch(batch_size: int, resolution: int, seed: int = 0) -> dict[str, n
           "depth": rng.random((*shape, 1), np.float32)}
 
 
+def transfer_resolution(config: ml_collections.ConfigDict) -> int:
+  """The side of the stored examples the host sends with `data.on_device`."""
+  if config.data.transfer_resolution:
+    return config.data.transfer_resolution
+  if config.data.source == "synthetic":
+    return config.data.synthetic.resolution
+  return config.data.resolution + config.data.resolution // 4
+
+
+def random_stored_batch(batch_size: int, resolution: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A batch as the host sends it with `data.on_device` (dmjax.data.schema's stored format)."""
+  rng = np.random.default_rng(seed)
+  shape = (batch_size, resolution, resolution)
+  return {"bg": rng.integers(0, 256, (*shape, 3), np.uint8),
+          "fg_bg": rng.integers(0, 256, (*shape, 3), np.uint8),
+          "mask": np.where(rng.random((*shape, 1)) < 0.1, 255, 0).astype(np.uint8),
+          "depth": rng.integers(0, 65536, (*shape, 1), np.uint16)}
+
+
+def training_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
+  """A random batch of what `config`'s train step takes."""
+  if config.data.on_device:
+    return random_stored_batch(batch_size, transfer_resolution(config))
+  return random_batch(batch_size, config.data.resolution)
+
+
 def program_memory_mb(compiled) -> float | None:
   """Arguments + outputs + temporaries of a compiled program (donated arguments counted once)."""
   try:
@@ -205,29 +241,27 @@ class JaxTrainer:
   """A config's training step (`train.make_train_step`), compiled once, on a resident batch.
 
   `run(n)` dispatches n steps without waiting in between (the state is donated from one to the
-  next, as in training) and waits for the last; with `batches`, each step takes the next host
-  batch instead, as training does.
+  next, as in training) and waits for the last; with `batches` (global arrays, e.g. from
+  `train.DevicePrefetcher`), each step takes the next one instead, as training does.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray]):
     mesh = evaluation.create_mesh()
     model = models.create_model(config.model)
     tx = train.create_optimizer(config)
-    self._sharding = evaluation.batch_sharding(mesh)
+    self.sharding = evaluation.batch_sharding(mesh)
     self._state = jax.device_put(
         train.create_train_state(config, model, tx, jax.random.PRNGKey(config.seed)),
         evaluation.replicated(mesh))
-    self.batch = evaluation.to_global(batch, self._sharding)
-    step = train.make_train_step(model, tx, config.loss, mesh)
+    self.batch = evaluation.to_global(batch, self.sharding)
+    step = train.make_train_step(model, tx, config.loss, mesh, train.make_preprocess(config))
     self.compiled = step.lower(self._state, self.batch).compile()
     self.batch_size = config.batch_size
 
-  def run(self, steps: int, batches: Iterator[dict[str, np.ndarray]] | None = None) -> None:
+  def run(self, steps: int, batches: Iterator[dict[str, jax.Array]] | None = None) -> None:
     state = self._state
     for _ in range(steps):
-      batch = self.batch if batches is None else evaluation.to_global(next(batches),
-                                                                      self._sharding)
-      state, _ = self.compiled(state, batch)
+      state, _ = self.compiled(state, self.batch if batches is None else next(batches))
     self._state = jax.block_until_ready(state)
 
   def fields(self) -> Row:
@@ -244,6 +278,7 @@ def compare_config(config: ml_collections.ConfigDict, model_name: str,
   config.model.dtype = dtype
   config.loss.update(COMPARE_LOSS)
   config.optimizer.update(COMPARE_OPTIMIZER)
+  config.data.on_device = False  # Model inputs, as the PyTorch side gets them.
   return config
 
 
@@ -374,10 +409,11 @@ def _torch_runners(batch: dict[str, np.ndarray]) -> tuple[list[Runner], list[Row
 def measure_step(config: ml_collections.ConfigDict) -> Iterable[Row]:
   batch = random_batch(config.batch_size, config.data.resolution)
   runners = []
-  trainer = JaxTrainer(config, batch)
+  trainer = JaxTrainer(config, training_batch(config, config.batch_size))
   runners.append(Runner("configured", trainer.run, trainer.batch_size, {
       "framework": "jax", "model": config.model.name, "variant": "configured", "loss": "config",
-      "optimizer": config.optimizer.name, "dtype": config.model.dtype, **trainer.fields()}))
+      "optimizer": config.optimizer.name, "dtype": config.model.dtype,
+      "on_device": bool(config.data.on_device), **trainer.fields()}))
   compare_names = []
   for model_name, dtype in itertools.product(_MODELS.value, _DTYPES.value or [config.model.dtype]):
     trainer = JaxTrainer(compare_config(config, model_name, dtype), batch)
@@ -439,11 +475,21 @@ def measure_predict(config: ml_collections.ConfigDict) -> Iterable[Row]:
       yield row
 
 
-def _pipeline_config(config: ml_collections.ConfigDict, resolution: int,
-                     num_workers: int) -> ml_collections.ConfigDict:
+PIPELINE_MODES = {  # --pipeline_modes: (data.on_device, data.predecoded)
+    "host": (False, False),  # decode, augment, resize, normalise on the host
+    "on_device": (True, False),  # decode and gather; the step augments
+    "predecoded": (True, True),  # gather from predecoded arrays; the step augments
+}
+
+
+def _pipeline_config(config: ml_collections.ConfigDict, resolution: int, num_workers: int,
+                     mode: str | None = None) -> ml_collections.ConfigDict:
   config = config.copy_and_resolve_references()
   config.data.resolution = resolution
   config.data.num_workers = num_workers
+  if mode is not None:
+    config.data.on_device, config.data.predecoded = PIPELINE_MODES[mode]
+    config.data.transfer_resolution = 0  # As rendered, below.
   if config.data.source == "synthetic":
     # The size the stage configs render at for this input size (dmjax.config.stage_config), on
     # a dataset just big enough that several hundred batches cycle through it.
@@ -460,42 +506,71 @@ def _train_iterator(config: ml_collections.ConfigDict) -> pipeline.TrainIterator
 
 
 def measure_e2e(config: ml_collections.ConfigDict) -> Iterable[Row]:
-  run_config = _pipeline_config(config, config.data.resolution, config.data.num_workers)
-  iterator = _train_iterator(run_config)
-  try:
-    trainer = JaxTrainer(run_config, next(iterator))
-    resident = Runner("step", trainer.run, trainer.batch_size)
-    fed = Runner("e2e", functools.partial(trainer.run, batches=iterator), trainer.batch_size)
-    rates = interleaved_rates([resident, fed], repeats=_REPEATS.value,
-                              repeat_seconds=_REPEAT_SECONDS.value)
-  finally:
-    iterator.close()
-  yield {"what": "e2e", "model": config.model.name, "resolution": config.data.resolution,
-         "num_workers": run_config.data.num_workers, **_rate_fields(rates["e2e"]),
-         "step_images_per_sec": round(statistics.median(rates["step"]), 2),
-         "e2e_over_step": _median_ratio(rates["e2e"], rates["step"]),
-         "augment": bool(run_config.data.augment.enabled),
-         "program_memory_mb": program_memory_mb(trainer.compiled)}
+  for mode in _E2E_MODES.value or [None]:
+    run_config = _pipeline_config(config, config.data.resolution, config.data.num_workers, mode)
+    iterator = _train_iterator(run_config)
+    try:
+      trainer = JaxTrainer(run_config, next(iterator))
+      resident = Runner("step", trainer.run, trainer.batch_size)
+      # Fed as training feeds it: the next batches already on their way to the devices.
+      batches = train.DevicePrefetcher(iterator, trainer.sharding)
+      fed = Runner("e2e", functools.partial(trainer.run, batches=batches), trainer.batch_size)
+      rates = interleaved_rates([resident, fed], repeats=_REPEATS.value,
+                                repeat_seconds=_REPEAT_SECONDS.value)
+    finally:
+      iterator.close()
+    yield {"what": "e2e", "model": config.model.name, "resolution": config.data.resolution,
+           "num_workers": run_config.data.num_workers, **_rate_fields(rates["e2e"]),
+           "step_images_per_sec": round(statistics.median(rates["step"]), 2),
+           "e2e_over_step": _median_ratio(rates["e2e"], rates["step"]),
+           "augment": bool(run_config.data.augment.enabled),
+           "on_device": bool(run_config.data.on_device),
+           "predecoded": bool(run_config.data.predecoded),
+           "program_memory_mb": program_memory_mb(trainer.compiled)}
 
 
 def measure_pipeline(config: ml_collections.ConfigDict) -> Iterable[Row]:
-  for resolution in map(int, _PIPELINE_RESOLUTIONS.value):
-    for num_workers in map(int, _PIPELINE_WORKERS.value):
-      run_config = _pipeline_config(config, resolution, num_workers)
-      iterator = _train_iterator(run_config)
-      try:
-        for _ in range(_WARMUP_BATCHES.value):
-          next(iterator)
-        rate, batches = _timed_rate(lambda it=iterator: len(next(it)["bg"]),
-                                    seconds=_SECONDS.value, max_steps=_MAX_BATCHES.value)
-      finally:
-        iterator.close()
-      yield {"what": "pipeline", "images_per_sec": round(rate, 1),
-             "batch_size": run_config.batch_size, "num_workers": num_workers,
-             "resolution": resolution,
-             "source_resolution": (run_config.data.synthetic.resolution
-                                   if run_config.data.source == "synthetic" else None),
-             "augment": bool(run_config.data.augment.enabled), "batches": batches}
+  for resolution, mode, num_workers in itertools.product(
+      map(int, _PIPELINE_RESOLUTIONS.value), _PIPELINE_MODES.value,
+      map(int, _PIPELINE_WORKERS.value)):
+    run_config = _pipeline_config(config, resolution, num_workers, mode)
+    iterator = _train_iterator(run_config)
+    try:
+      for _ in range(_WARMUP_BATCHES.value):
+        next(iterator)
+      rate, batches = _timed_rate(lambda it=iterator: len(next(it)["bg"]),
+                                  seconds=_SECONDS.value, max_steps=_MAX_BATCHES.value)
+    finally:
+      iterator.close()
+    yield {"what": "pipeline", "images_per_sec": round(rate, 1),
+           "batch_size": run_config.batch_size, "num_workers": num_workers,
+           "resolution": resolution, "mode": mode,
+           "source_resolution": (run_config.data.synthetic.resolution
+                                 if run_config.data.source == "synthetic" else None),
+           "augment": bool(run_config.data.augment.enabled), "batches": batches}
+
+
+def measure_augment(config: ml_collections.ConfigDict) -> Iterable[Row]:
+  """`dmjax.data.device_augment` alone: what on-device augmentation adds to each step."""
+  run_config = config.copy_and_resolve_references()
+  run_config.data.on_device = True
+  mesh = evaluation.create_mesh()
+  sharding = evaluation.batch_sharding(mesh)
+  augment_batch = jax.jit(train.make_preprocess(run_config),
+                          in_shardings=(sharding, None, None), out_shardings=sharding)
+  size = transfer_resolution(run_config)
+  batch = evaluation.to_global(random_stored_batch(config.batch_size, size), sharding)
+  key = jax.random.PRNGKey(0)
+  compiled = augment_batch.lower(batch, key, 0).compile()
+
+  def run(calls: int) -> None:
+    jax.block_until_ready([compiled(batch, key, step) for step in range(calls)])
+
+  rates = interleaved_rates([Runner("augment", run, config.batch_size)], repeats=_REPEATS.value,
+                            repeat_seconds=_REPEAT_SECONDS.value)["augment"]
+  yield {"what": "augment", "resolution": config.data.resolution, "source_resolution": size,
+         "augment": bool(config.data.augment.enabled), **_rate_fields(rates),
+         "program_memory_mb": program_memory_mb(compiled)}
 
 
 def _is_out_of_memory(error: Exception) -> bool:
@@ -507,7 +582,7 @@ def _fits(config: ml_collections.ConfigDict, batch_size: int) -> bool:
   config = config.copy_and_resolve_references()
   config.batch_size = batch_size
   try:
-    JaxTrainer(config, random_batch(batch_size, config.data.resolution)).run(1)
+    JaxTrainer(config, training_batch(config, batch_size)).run(1)
   except Exception as error:  # noqa: BLE001 -- XLA raises its own runtime error types.
     if _is_out_of_memory(error):
       return False
@@ -536,7 +611,7 @@ def largest_fitting_batch(fits: Callable[[int], bool], start: int, multiple: int
 def _program_bytes(config: ml_collections.ConfigDict, batch_size: int) -> float:
   config = config.copy_and_resolve_references()
   config.batch_size = batch_size
-  compiled = JaxTrainer(config, random_batch(batch_size, config.data.resolution)).compiled
+  compiled = JaxTrainer(config, training_batch(config, batch_size)).compiled
   return program_memory_mb(compiled) * MiB
 
 
@@ -594,6 +669,7 @@ MEASUREMENTS: dict[str, Callable[[ml_collections.ConfigDict], Iterable[Row]]] = 
     "predict": measure_predict,
     "e2e": measure_e2e,
     "pipeline": measure_pipeline,
+    "augment": measure_augment,
     "max_batch": measure_max_batch,
     "render": measure_render,
 }

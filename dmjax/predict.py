@@ -44,18 +44,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from dmjax import checkpoints, models, visualize
-from dmjax import config as config_lib
 from dmjax.data import schema
 
 FITS = ("resize", "pad")
 MULTIPLE = 16  # The models halve the resolution four times.
 OUTPUT_KINDS = ("mask", "depth", "depth_color")
-
-_MEAN = {"bg": np.array(config_lib.BG_MEAN, np.float32),
-         "fg_bg": np.array(config_lib.FG_BG_MEAN, np.float32)}
-_STD = {"bg": np.array(config_lib.BG_STD, np.float32),
-        "fg_bg": np.array(config_lib.FG_BG_STD, np.float32)}
-
 
 class Prediction(NamedTuple):
   mask: np.ndarray  # Probability of the object, float32 in [0, 1].
@@ -78,11 +71,6 @@ def as_uint8_rgb(image: np.ndarray, what: str = "image") -> np.ndarray:
   if image.shape[-1] == 1:
     return np.repeat(image, 3, axis=-1)
   return image[..., :3]  # Alpha dropped: a composite's pixels are what the camera saw.
-
-
-def normalize(image: np.ndarray, key: str) -> np.ndarray:
-  """uint8 photos → the model's inputs, normalised as the training pipeline does."""
-  return (image.astype(np.float32) / 255.0 - _MEAN[key]) / _STD[key]
 
 
 def _resize_photo(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -177,7 +165,7 @@ class Predictor:
       bg, fg_bg = _resize_photo(bg, size), _resize_photo(fg_bg, size)
     else:
       bg, fg_bg = _pad_to_multiple(bg), _pad_to_multiple(fg_bg)
-    return normalize(bg, "bg"), normalize(fg_bg, "fg_bg")
+    return schema.normalize_photo(bg, "bg"), schema.normalize_photo(fg_bg, "fg_bg")
 
   def _run(self, inputs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     # A short last batch is padded with copies, so every batch has one shape: one compilation.

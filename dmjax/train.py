@@ -8,6 +8,7 @@ global batch, so the result does not depend on how many devices share it.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import math
@@ -25,7 +26,7 @@ import optax
 from absl import logging
 
 from dmjax import checkpoints, evaluation, losses, models, visualize
-from dmjax.data import pipeline
+from dmjax.data import augment, device_augment, pipeline
 
 
 @flax.struct.dataclass
@@ -95,8 +96,14 @@ def create_train_state(config, model, tx, rng: jax.Array) -> TrainState:
                     opt_state=tx.init(variables["params"]), rng=state_rng)
 
 
-def train_step(state: TrainState, batch, *, model, tx, loss_config):
-  """One optimisation step on a global batch; returns the new state and the loss terms."""
+def train_step(state: TrainState, batch, *, model, tx, loss_config, preprocess=None):
+  """One optimisation step on a global batch; returns the new state and the loss terms.
+
+  `preprocess(batch, key, step)`, if given, turns the batch the host sent into model inputs
+  (`dmjax.data.device_augment`).
+  """
+  if preprocess is not None:
+    batch = preprocess(batch, state.rng, state.step)
 
   def loss_fn(params):
     outputs, updates = model.apply(
@@ -112,9 +119,20 @@ def train_step(state: TrainState, batch, *, model, tx, loss_config):
   return new_state, dict(terms, grad_norm=optax.global_norm(grads))
 
 
-def make_train_step(model, tx, loss_config, mesh):
+def make_preprocess(config: ml_collections.ConfigDict):
+  """The on-device augmentation `config.data.on_device` asks for, or None."""
+  if not config.data.on_device:
+    return None
+  return functools.partial(
+      device_augment.augment_batch, resolution=config.data.resolution,
+      settings=augment.AugmentSettings.from_config(config.data.augment),
+      binarize_mask=bool(config.data.binarize_mask))
+
+
+def make_train_step(model, tx, loss_config, mesh, preprocess=None):
   replicated = evaluation.replicated(mesh)
-  return jax.jit(functools.partial(train_step, model=model, tx=tx, loss_config=loss_config),
+  return jax.jit(functools.partial(train_step, model=model, tx=tx, loss_config=loss_config,
+                                   preprocess=preprocess),
                  in_shardings=(replicated, evaluation.batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
@@ -140,6 +158,35 @@ def load_previous_stage(state: TrainState, config) -> TrainState:
   logging.info("Starting from %s, step %d.", config.init_from, step)
   return state.replace(params=jax.device_put(variables["params"]),
                        batch_stats=jax.device_put(variables["batch_stats"]))
+
+
+class DevicePrefetcher:
+  """Keeps the next `size` batches of a host iterator on their way to the devices, so that the
+  transfer of one overlaps the steps before it.
+
+  `get_state()` is the host iterator's state after the last batch handed out, not after the
+  ones waiting here: a checkpoint resumes with the first batch its steps have not seen.
+  """
+
+  def __init__(self, iterator, sharding, size: int = 2):
+    self._iterator = iterator
+    self._sharding = sharding
+    self._size = size
+    self._queue = collections.deque()
+    self._state = iterator.get_state()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    while len(self._queue) <= self._size:
+      batch = evaluation.to_global(next(self._iterator), self._sharding)
+      self._queue.append((batch, self._iterator.get_state()))
+    batch, self._state = self._queue.popleft()
+    return batch
+
+  def get_state(self):
+    return self._state
 
 
 class _FrozenIterator:
@@ -246,10 +293,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
   else:
     writer.write_hparams(dict(_flatten(config.to_dict())))
 
-  p_train_step = make_train_step(model, tx, config.loss, mesh)
+  p_train_step = make_train_step(model, tx, config.loss, mesh, make_preprocess(config))
   p_eval_step = evaluation.make_eval_step(model, mesh)
   schedule = create_learning_rate_schedule(config.optimizer, config.num_train_steps)
-  data_sharding = evaluation.batch_sharding(mesh)
+  batches = DevicePrefetcher(train_iter, evaluation.batch_sharding(mesh))
 
   def run_eval(step: int, num_examples: int) -> dict[str, float]:
     batches = pipeline.create_eval_batches(config, config.data.eval_split, num_examples,
@@ -275,8 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
   try:
     for step in range(initial_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = evaluation.to_global(next(train_iter), data_sharding)
-        state, terms = p_train_step(state, batch)
+        state, terms = p_train_step(state, next(batches))
       history.append((step, terms))
       for hook in hooks:
         hook(step)
@@ -303,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
       if should_save:
         model_item, train_item = split_state(state)
         checkpoints.save(manager, step, model=model_item, train=train_item, config=config,
-                         data_iterator=_FrozenIterator(train_iter))
+                         data_iterator=_FrozenIterator(batches))
       if stop.requested:
         manager.wait_until_finished()
         logging.warning("Saved step %d after SIGTERM; re-run the same command to resume.", step)

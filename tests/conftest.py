@@ -60,10 +60,12 @@ def copy_of(config, **overrides):
 
 
 def tiny_run_config(config, **overrides):
-  """A copy of `config` for a 6-step run that saves every 2 steps; dotted keys override."""
+  """A copy of `config` for a 6-step run that saves every 2 steps, fed as the stage configs
+  feed it (predecoded, augmented on the device); dotted keys override."""
   defaults = {"num_train_steps": 6, "log_every_steps": 2, "eval_every_steps": 4,
               "checkpoint_every_steps": 2, "optimizer.warmup_steps": 2,
-              "data.num_eval_examples": 8, "eval_batch_size": 4}
+              "data.num_eval_examples": 8, "eval_batch_size": 4, "data.on_device": True,
+              "data.predecoded": True}
   return copy_of(config, **{**defaults, **overrides})
 
 

@@ -34,7 +34,8 @@ def _run_benchmark(*args):
 
 
 def test_step_and_predict_rows_have_their_fields_and_positive_rates():
-  rows = _run_benchmark("--what=step,predict", "--models=depthmasknet", "--predict_batch=2",
+  rows = _run_benchmark("--what=step,augment,predict", "--models=depthmasknet",
+                        "--predict_batch=2",
                         "--torch_variants=seed,best", "--torch_compile=false")
   for row in rows:
     assert set(COMMON_FIELDS) <= set(row), row
@@ -47,6 +48,9 @@ def test_step_and_predict_rows_have_their_fields_and_positive_rates():
     assert row["images_per_sec"] > 0 and row["flops_per_image"] > 0
     assert 0 < row["fraction_of_peak"] and row["program_memory_mb"] > 0
   assert jax_rows["configured"]["optimizer"] == "sgd" and jax_rows["configured"]["loss"] == "config"
+  assert jax_rows["configured"]["on_device"]  # The stage configs augment in the step.
+  (augment_row,) = [r for r in rows if r["what"] == "augment"]
+  assert augment_row["images_per_sec"] > 0 and augment_row["source_resolution"] == 80
   assert jax_rows["compare"]["model"] == "depthmasknet"
   torch_rows = [r for r in steps if r["framework"] == "torch"]
   if any("note" in r for r in torch_rows):  # torch not installed: one row says so.

@@ -1,8 +1,10 @@
 """The grain pipeline over a tiny built synthetic dataset: format, determinism, alignment of the
 joint augmentation, checkpointing, sharding, evaluation padding, and reading without TF."""
 
+import glob
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -276,3 +278,89 @@ def test_reading_and_building_need_no_tensorflow(tiny_data_config, tmp_path):
   shapes = json.loads(result.stdout.strip().splitlines()[-1])
   assert shapes == {"bg": [4, 32, 32, 3], "fg_bg": [4, 32, 32, 3], "mask": [4, 32, 32, 1],
                     "depth": [4, 32, 32, 1]}
+
+
+def on_device(config, **overrides):
+  return copy_of(config, **{"data.on_device": True, "data.predecoded": True, **overrides})
+
+
+def stored_ids(batches, examples):
+  lookup = {example["fg_bg"].tobytes(): i for i, example in enumerate(examples)}
+  return [lookup[image.tobytes()] for batch in batches for image in batch["fg_bg"]]
+
+
+def test_on_device_batches_are_stored_examples_decoded_or_predecoded(tiny_data_config):
+  config = on_device(tiny_data_config)
+  pipeline.prepare(config)
+  predecoded = take(pipeline.create_train_iterator(config), 7)
+  decoded = take(pipeline.create_train_iterator(copy_of(config, **{"data.predecoded": False})), 7)
+  assert_same_batches(predecoded, decoded)
+  examples = stored_examples(config, "train")
+  ids = stored_ids(predecoded, examples)
+  for i, key in enumerate(schema.KEYS):
+    batch = predecoded[i][key]
+    assert batch.dtype == examples[0][key].dtype and batch.shape == (4, *examples[0][key].shape)
+    np.testing.assert_array_equal(batch[1], examples[ids[i * 4 + 1]][key])
+
+
+def test_on_device_stream_covers_each_epoch_across_processes_and_reshuffles(tiny_data_config):
+  config = on_device(tiny_data_config)
+  pipeline.prepare(config)
+  examples = stored_examples(config, "train")
+  # 24 examples, global batch 4 over 2 processes: 6 global batches per epoch.
+  ids = {p: stored_ids(take(pipeline.create_train_iterator(config, process_index=p,
+                                                           process_count=2), 12), examples)
+         for p in (0, 1)}
+  one_process = stored_ids(take(pipeline.create_train_iterator(config), 12), examples)
+  interleaved = [ids[p][2 * b + k] for b in range(12) for p in (0, 1) for k in (0, 1)]
+  assert interleaved == one_process  # Process p holds its slice of each global batch.
+  assert sorted(one_process[:24]) == sorted(one_process[24:]) == list(range(24))
+  assert one_process[:24] != one_process[24:]
+  other_seed = stored_ids(take(pipeline.create_train_iterator(copy_of(config, seed=1)), 6),
+                          examples)
+  assert other_seed != one_process[:24]
+
+
+def test_on_device_state_round_trip_and_workers_unpickle_the_stream(tiny_data_config):
+  config = on_device(tiny_data_config)
+  pipeline.prepare(config)
+  iterator = pipeline.create_train_iterator(config)
+  take(iterator, 5)  # Crosses into the second epoch.
+  state = iterator.get_state()
+  expected = take(iterator, 3)
+  restored = pipeline.create_train_iterator(config)
+  restored.set_state(state)
+  assert_same_batches(take(restored, 3), expected)
+  with pytest.raises(ValueError, match="on_device"):
+    pipeline.create_train_iterator(tiny_data_config).set_state(state)
+  # Worker processes get the batch transform by pickle: it must arrive whole and work there.
+  stream = pipeline.StoredBatch(
+      pipeline.PredecodedExamples(pipeline.predecoded_dir(config, "train")), seed=0,
+      global_batch_size=4, local_batch_size=4, process_index=0)
+  stream.map(3)
+  copy = pickle.loads(pickle.dumps(stream))
+  assert_same_batches([copy.map(k) for k in range(8)], [stream.map(k) for k in range(8)])
+
+
+def test_predecoding_is_all_or_nothing_and_needs_on_device(tiny_data_config, tmp_path):
+  config = on_device(tiny_data_config, **{"data.transfer_resolution": 24})
+  directory = pipeline.predecoded_dir(config, "train")
+  os.makedirs(directory + ".partial-1")  # What a killed build leaves: ignored.
+  assert not os.path.exists(directory)
+  assert pipeline.predecode(config, "train") == directory
+  arrays = {key: np.load(os.path.join(directory, key + ".npy")) for key in schema.KEYS}
+  assert arrays["fg_bg"].shape == (24, 24, 24, 3) and arrays["depth"].dtype == np.uint16
+  assert glob.glob(directory + ".partial-*") == [directory + ".partial-1"]  # Ours was renamed.
+  with pytest.raises(ValueError, match="config.data.on_device"):
+    pipeline.prepare(copy_of(tiny_data_config, **{"data.predecoded": True}))
+
+
+def test_examples_of_different_sizes_need_a_transfer_resolution():
+  small = {"bg": np.zeros((8, 8, 3), np.uint8), "fg_bg": np.zeros((8, 8, 3), np.uint8),
+           "mask": np.zeros((8, 8, 1), np.uint8), "depth": np.zeros((8, 8, 1), np.uint16)}
+  large = {key: np.repeat(np.repeat(value, 2, 0), 2, 1) for key, value in small.items()}
+  encoded = [tfds_builder.encode_example(small), tfds_builder.encode_example(large)]
+  with pytest.raises(ValueError, match="config.data.transfer_resolution"):
+    pipeline.DecodedExamples(encoded, 0).gather(np.array([0, 1]))
+  batch = pipeline.DecodedExamples(encoded, 12).gather(np.array([0, 1]))
+  assert batch["fg_bg"].shape == (2, 12, 12, 3) and batch["depth"].dtype == np.uint16

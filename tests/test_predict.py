@@ -11,7 +11,7 @@ from conftest import HIDE_TENSORFLOW
 from PIL import Image
 
 from dmjax import checkpoints, evaluation, models, predict, train
-from dmjax.data import pipeline
+from dmjax.data import pipeline, schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEIGHT, WIDTH = 37, 50  # Neither divisible by 16.
@@ -114,7 +114,7 @@ def test_pad_mode_runs_at_the_images_own_size(workdir):
   mask, depth = padded(bg, fg_bg)
   assert mask.shape == (HEIGHT, WIDTH)
   # The model at 48 × 64 (the next multiples of 16) on edge-padded inputs, cropped back.
-  inputs = {k: predict.normalize(predict._pad_to_multiple(x), k)[None]
+  inputs = {k: schema.normalize_photo(predict._pad_to_multiple(x), k)[None]
             for k, x in (("bg", bg), ("fg_bg", fg_bg))}
   full = evaluation.predict(padded.model, padded.variables, inputs)
   np.testing.assert_allclose(mask, np.asarray(full[0])[0, :HEIGHT, :WIDTH, 0], atol=1e-5)

@@ -10,6 +10,13 @@ processes, and augmentation does not depend on the number of JAX processes.
 The batched stream is random-access, so an iterator's state is just the number of batches it has
 handed out; restoring rebuilds the stream from there (with any worker count).
 
+With `config.data.on_device` the host only gathers: global batch k is positions
+[k·B, (k+1)·B) of an endless stream that visits the training examples in a new order each epoch
+(numpy permutations of (config.seed, epoch)), each example as stored (uint8 photos and mask,
+uint16 depth) at `data.transfer_resolution`; `dmjax.data.device_augment` does the rest inside the
+train step. `data.predecoded` decodes the split once into memory-mapped arrays next to the built
+dataset, so that gathering is a copy (what feeds a GPU at small resolutions).
+
 Reading needs neither TensorFlow nor the builder's inputs, only the built ArrayRecord files;
 building (`prepare`) renders or reads the sources once.
 """
@@ -19,23 +26,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shutil
+import sys
 from collections.abc import Iterator
 
 import grain
 import ml_collections
 import numpy as np
-from absl import flags
+from absl import flags, logging
+from PIL import Image
 
-from dmjax import config as dmjax_config
-from dmjax.data import augment, sources, tfds_builder
-
-_BG_MEAN = np.array(dmjax_config.BG_MEAN, np.float32)
-_BG_STD = np.array(dmjax_config.BG_STD, np.float32)
-_FG_BG_MEAN = np.array(dmjax_config.FG_BG_MEAN, np.float32)
-_FG_BG_STD = np.array(dmjax_config.FG_BG_STD, np.float32)
-# uint8 photo → normalised float as one multiply-add: (v / 255 − mean) / std.
-_NORMALIZE = {"bg": (1.0 / (255.0 * _BG_STD), -_BG_MEAN / _BG_STD),
-              "fg_bg": (1.0 / (255.0 * _FG_BG_STD), -_FG_BG_MEAN / _FG_BG_STD)}
+from dmjax.data import augment, schema, sources, tfds_builder
 
 
 def prepare(config: ml_collections.ConfigDict) -> None:
@@ -43,6 +45,11 @@ def prepare(config: ml_collections.ConfigDict) -> None:
   source = sources.get_source(config)
   source.builder.download_and_prepare(file_format="array_record",
                                       download_config=source.download_config)
+  if config.data.predecoded:
+    if not config.data.on_device:
+      raise ValueError("config.data.predecoded=True needs config.data.on_device=True (the host "
+                       "augmentation decodes and resizes each example anyway)")
+    predecode(config, "train")
 
 
 def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
@@ -52,9 +59,8 @@ def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
 
 def denormalize(batch: dict) -> tuple[np.ndarray, np.ndarray]:
   """(bg, fg_bg) of a batch back in [0, 1], e.g. for image grids and the baselines."""
-  bg = np.clip(np.asarray(batch["bg"]) * _BG_STD + _BG_MEAN, 0.0, 1.0)
-  fg_bg = np.clip(np.asarray(batch["fg_bg"]) * _FG_BG_STD + _FG_BG_MEAN, 0.0, 1.0)
-  return bg, fg_bg
+  return (schema.denormalize_photo(batch["bg"], "bg"),
+          schema.denormalize_photo(batch["fg_bg"], "fg_bg"))
 
 
 def create_train_iterator(config: ml_collections.ConfigDict, *, process_index: int | None = None,
@@ -68,14 +74,25 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, process_index: i
   process_index, process_count = _process(process_index, process_count)
   local_batch_size = _local_batch_size(config.batch_size, process_count, "config.batch_size")
   source = _built_source(config, "train")
+  identity = {"dataset": source.name, "seed": config.seed, "batch_size": local_batch_size,
+              "process_index": process_index, "process_count": process_count,
+              "on_device": bool(config.data.on_device)}
+  if config.data.on_device:
+    examples = (PredecodedExamples(predecoded_dir(config, "train")) if config.data.predecoded
+                else DecodedExamples(_data_source(source, "train"),
+                                     config.data.transfer_resolution))
+    batches = grain.MapDataset.range(_ENDLESS).map(StoredBatch(
+        examples, seed=config.seed, global_batch_size=config.batch_size,
+        local_batch_size=local_batch_size, process_index=process_index))
+    identity["transfer_resolution"] = config.data.transfer_resolution
+    return TrainIterator(batches, identity, num_workers=config.data.num_workers,
+                         prefetch=config.data.prefetch)
   records = grain.MapDataset.source(_data_source(source, "train"))
   records = records.shuffle(seed=config.seed).repeat()
   records = records.map(DecodeExample())
   records = records.random_map(
       PrepareExample.from_config(config.data, augmentation=True), seed=config.seed)
   batches = records[process_index::process_count].batch(local_batch_size, drop_remainder=True)
-  identity = {"dataset": source.name, "seed": config.seed, "batch_size": local_batch_size,
-              "process_index": process_index, "process_count": process_count}
   return TrainIterator(batches, identity, num_workers=config.data.num_workers,
                        prefetch=config.data.prefetch)
 
@@ -132,14 +149,167 @@ class PrepareExample(grain.transforms.RandomMap):
   def random_map(self, element: dict[str, np.ndarray],
                  rng: np.random.Generator | None) -> dict[str, np.ndarray]:
     out = augment.augment_example(element, rng, self.settings, self.resolution)
-    for key, (scale, offset) in _NORMALIZE.items():
-      photo = out[key].astype(np.float32)
-      photo *= scale
-      photo += offset
-      out[key] = photo
+    for key in schema.IMAGE_KEYS:
+      out[key] = schema.normalize_photo(out[key], key)
     if self.binarize_mask:
       out["mask"] = (out["mask"] > 0.5).astype(np.float32)
     return out
+
+
+_ENDLESS = sys.maxsize  # Batches in the on-device stream: it never runs out.
+
+
+class DecodedExamples:
+  """Training examples as stored, decoded from the built dataset as they are gathered."""
+
+  def __init__(self, data_source, transfer_resolution: int):
+    self._data_source = data_source
+    self._resolution = int(transfer_resolution)
+
+  def __len__(self) -> int:
+    return len(self._data_source)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    example = tfds_builder.decode_example(self._data_source[int(index)])
+    if self._resolution:
+      example = resize_stored(example, self._resolution)
+    return example
+
+  def gather(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    examples = [self[i] for i in indices]
+    shapes = {example["fg_bg"].shape for example in examples}
+    if len(shapes) > 1:
+      raise ValueError(f"training examples differ in size ({sorted(shapes)}); set "
+                       "config.data.transfer_resolution so the host can batch them")
+    return {key: np.stack([example[key] for example in examples]) for key in schema.KEYS}
+
+
+class PredecodedExamples:
+  """Training examples as stored, from the arrays `predecode` wrote (memory-mapped, so the
+  processes of one host share the page cache)."""
+
+  def __init__(self, directory: str):
+    self._directory = directory
+    self._arrays = None  # Opened on first use, in whichever (worker) process uses them.
+
+  def __getstate__(self):
+    return {"_directory": self._directory, "_arrays": None}
+
+  def _open(self) -> dict[str, np.ndarray]:
+    if self._arrays is None:
+      self._arrays = {key: np.load(os.path.join(self._directory, key + ".npy"), mmap_mode="r")
+                      for key in schema.KEYS}
+    return self._arrays
+
+  def __len__(self) -> int:
+    return len(self._open()["fg_bg"])
+
+  def gather(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    return {key: array[indices] for key, array in self._open().items()}
+
+
+def resize_stored(example: dict[str, np.ndarray], resolution: int) -> dict[str, np.ndarray]:
+  """A stored-format example resized (whole frame, PIL bilinear) to (R, R), still stored format."""
+  out = {}
+  for key in schema.KEYS:
+    value = example[key]
+    if value.shape[:2] != (resolution, resolution):
+      image = Image.fromarray(value[..., 0] if value.shape[-1] == 1 else value)
+      resized = np.asarray(image.resize((resolution, resolution), Image.Resampling.BILINEAR))
+      value = resized.reshape(resolution, resolution, value.shape[-1]).astype(value.dtype)
+    out[key] = value
+  return out
+
+
+@dataclasses.dataclass
+class StoredBatch(grain.transforms.Map):
+  """Global batch number k → this process's share of it, as stored.
+
+  Global batch k is positions [k·B, (k+1)·B) of the stream that visits every example once per
+  epoch, epoch e in the order of a permutation drawn from (seed, e); process p takes its p-th
+  slice of B / process_count.
+  """
+
+  examples: DecodedExamples | PredecodedExamples
+  seed: int
+  global_batch_size: int
+  local_batch_size: int
+  process_index: int
+
+  def __post_init__(self):
+    self._orders: dict[int, np.ndarray] = {}
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != "_orders"}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _orders={})
+
+  def order(self, epoch: int) -> np.ndarray:
+    if epoch not in self._orders:
+      if len(self._orders) > 2:  # Batches cross at most one epoch boundary.
+        self._orders.pop(min(self._orders))
+      rng = np.random.default_rng([self.seed, epoch])
+      self._orders[epoch] = rng.permutation(len(self.examples))
+    return self._orders[epoch]
+
+  def map(self, batch_index: int) -> dict[str, np.ndarray]:
+    first = batch_index * self.global_batch_size + self.process_index * self.local_batch_size
+    epochs, offsets = np.divmod(np.arange(first, first + self.local_batch_size),
+                                len(self.examples))
+    indices = np.empty_like(offsets)
+    for epoch in np.unique(epochs):
+      here = epochs == epoch
+      indices[here] = self.order(int(epoch))[offsets[here]]
+    return self.examples.gather(indices)
+
+
+def predecoded_dir(config: ml_collections.ConfigDict, split: str) -> str:
+  source = _built_source(config, split)
+  size = config.data.transfer_resolution or "stored"
+  return os.path.join(source.builder.data_dir, f"predecoded_{split}_r{size}")
+
+
+def predecode(config: ml_collections.ConfigDict, split: str) -> str:
+  """Decodes `split` once into one .npy array per key (stored format, resized to
+  `data.transfer_resolution` if set) next to the built dataset, unless that is done already;
+  returns the directory. The arrays are written under a temporary name and renamed when
+  complete, so an interrupted build leaves nothing that looks finished."""
+  directory = predecoded_dir(config, split)
+  if os.path.isdir(directory):
+    return directory
+  examples = DecodedExamples(_data_source(_built_source(config, split), split),
+                             config.data.transfer_resolution)
+  first = examples[0]
+  size = len(examples) * sum(v.nbytes for v in first.values())
+  free = shutil.disk_usage(os.path.dirname(directory)).free
+  if size > free:
+    raise ValueError(f"predecoding {split} to {directory} needs {size / 2**30:.1f} GiB, and "
+                     f"{free / 2**30:.1f} GiB are free; lower config.data.transfer_resolution "
+                     "or set config.data.predecoded=False")
+  logging.info("Predecoding %d %s examples (%.1f GiB) to %s.", len(examples), split,
+               size / 2**30, directory)
+  partial = f"{directory}.partial-{os.getpid()}"
+  os.makedirs(partial, exist_ok=True)
+  arrays = {key: np.lib.format.open_memmap(os.path.join(partial, key + ".npy"), mode="w+",
+                                           dtype=value.dtype, shape=(len(examples), *value.shape))
+            for key, value in first.items()}
+  decoded = grain.MapDataset.source(examples).to_iter_dataset(
+      grain.ReadOptions(num_threads=max(os.cpu_count() or 1, 1), prefetch_buffer_size=256))
+  for index, example in enumerate(decoded):
+    for key, array in arrays.items():
+      if example[key].shape != array.shape[1:]:
+        raise ValueError(f"{split} example {index} is {example[key].shape[:2]}, the first was "
+                         f"{array.shape[1:3]}; set config.data.transfer_resolution")
+      array[index] = example[key]
+  for array in arrays.values():
+    array.flush()
+  del arrays
+  try:
+    os.rename(partial, directory)
+  except OSError:  # Another process finished the same arrays first.
+    shutil.rmtree(partial, ignore_errors=True)
+  return directory
 
 
 @dataclasses.dataclass(frozen=True)

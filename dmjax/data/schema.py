@@ -20,6 +20,8 @@ seed's per-image rescale puts its nearest pixel at exactly 0), and clip predicti
 [DEPTH_VALID_MIN, 1] before taking ratios or logs.
 """
 
+import numpy as np
+
 IMAGE_KEYS = ("bg", "fg_bg")
 LABEL_KEYS = ("mask", "depth")
 KEYS = IMAGE_KEYS + LABEL_KEYS
@@ -27,3 +29,27 @@ KEYS = IMAGE_KEYS + LABEL_KEYS
 DEPTH_MAX_CODE = 65535
 SYNTHETIC_MAX_DEPTH_M = 10.0
 DEPTH_VALID_MIN = 0.01
+
+# Channel statistics of the seed dataset (SPEC §4), RGB in [0, 1]. Every source is normalised
+# with them, so a model trained on one transfers to the other without re-normalising.
+PHOTO_MEAN = {"bg": (0.690, 0.651, 0.608), "fg_bg": (0.681, 0.641, 0.598)}
+PHOTO_STD = {"bg": (0.189, 0.209, 0.235), "fg_bg": (0.194, 0.213, 0.236)}
+
+
+def photo_normalization(key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(scale, offset) taking a 0..255 photo to the model's input in one multiply-add:
+  (v / 255 - mean) / std."""
+  mean, std = np.array(PHOTO_MEAN[key], np.float32), np.array(PHOTO_STD[key], np.float32)
+  return 1.0 / (255.0 * std), -mean / std
+
+
+def normalize_photo(image: np.ndarray, key: str) -> np.ndarray:
+  """A uint8 photo (..., 3) → the model's float32 input."""
+  scale, offset = photo_normalization(key)
+  return image.astype(np.float32) * scale + offset
+
+
+def denormalize_photo(image: np.ndarray, key: str) -> np.ndarray:
+  """The model's input back to RGB in [0, 1]."""
+  mean, std = np.array(PHOTO_MEAN[key], np.float32), np.array(PHOTO_STD[key], np.float32)
+  return np.clip(np.asarray(image) * std + mean, 0.0, 1.0)
