@@ -3,8 +3,8 @@
   python -m dmjax.main --config=configs/r64.py --workdir=workdirs/r64
 
 On a 2-core CPU with no GPU this builds the synthetic scenes and trains depthmasknet_v2 in about
-21 minutes, reaching on the held-out rooms mask IoU 0.78 (|fg_bg - bg| baseline: 0.43) and depth
-RMSE 0.081 (training-mean baseline: 0.119; 0.041 against 0.089 after scale-and-shift alignment).
+20 minutes, reaching on the held-out rooms mask IoU 0.78 (|fg_bg - bg| baseline: 0.43) and depth
+RMSE 0.077 (training-mean baseline: 0.119; 0.042 against 0.089 after scale-and-shift alignment).
 Variants, e.g. `configs/r64.py:data=seed,recipe=seed,schedule=full` (see
 `dmjax.config.stage_config`): data=synthetic|seed, recipe=default|seed, schedule=cpu|full.
 """

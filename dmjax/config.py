@@ -152,6 +152,12 @@ def stage_config(resolution: int, arg: str | None) -> ml_collections.ConfigDict:
     # (80² px × 9 bytes each); larger ones are decoded as they are gathered.
     c.data.transfer_resolution = resolution + resolution // 4
     c.data.predecoded = resolution == 64
+    if c.data.predecoded:
+      # Gathering rows is a copy that one process does at ~57k examples/s; worker processes
+      # would pass every batch through shared memory, which measured 7x slower
+      # (docs/benchmarks.md).
+      c.data.num_workers = 0
+    c.model.dtype = "bfloat16"  # Tensor cores; parameters, BatchNorm statistics, losses float32.
     c.data.num_eval_examples = 2_048
     # References: `--config.num_train_steps=N` moves these with it.
     c.eval_every_steps = c.get_ref("num_train_steps") // 10
@@ -163,6 +169,7 @@ def stage_config(resolution: int, arg: str | None) -> ml_collections.ConfigDict:
 
   if args.recipe == "seed":
     c.model.name = "depthmasknet"
+    c.model.dtype = "float32"  # As the seeds trained.
     c.optimizer.update(name="sgd", learning_rate=0.01, momentum=0.9, weight_decay=1e-5,
                        schedule="step", step_factor=0.01, grad_clip_norm=0.0, warmup_steps=0)
     # Decay where the seed's epochs ended, at the same fractions of the stage, however long

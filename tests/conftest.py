@@ -100,3 +100,27 @@ def trained(tiny_data_config, tmp_path_factory):
   config = tiny_run_config(tiny_data_config)
   results = train.train_and_evaluate(config, workdir)
   return config, workdir, results
+
+
+def relative_update_difference(config, first, second) -> float:
+  """|Δfirst − Δsecond| / |Δfirst| over every variable, Δ being the change from `config`'s
+  initial variables: how far two runs that should agree moved apart.
+
+  Per element, runs that sum in another order (other devices, other processes) differ by up to
+  tens of percent of the change of leaves that barely move; over the whole update that is float
+  noise (1e-5 seen). Per-device gradients or statistics, or data that depends on the layout,
+  would change the update itself.
+  """
+  import jax
+  import numpy as np
+
+  from dmjax import train
+
+  model = train.models.create_model(config.model)
+  initial = train.create_train_state(config, model, train.create_optimizer(config),
+                                     jax.random.PRNGKey(config.seed)).variables
+  first_change, second_change = (
+      np.concatenate([(np.asarray(v) - np.asarray(v0)).ravel() for v, v0 in
+                      zip(jax.tree.leaves(variables), jax.tree.leaves(initial), strict=True)])
+      for variables in (first, second))
+  return float(np.linalg.norm(first_change - second_change) / np.linalg.norm(first_change))

@@ -50,3 +50,14 @@ def test_derived_keys_follow_an_overridden_length():
 def test_bad_arguments_are_refused_naming_them(arg):
   with pytest.raises(ValueError, match=arg.split("=")[0]):
     config_lib.stage_config(64, arg)
+
+
+def test_stages_feed_the_step_on_device_and_gpu_stages_compute_in_bfloat16():
+  for name in ("r64", "r112", "r192"):
+    cpu, full = load_config(name), load_config(name, "schedule=full")
+    assert cpu.data.on_device and cpu.data.predecoded and cpu.model.dtype == "float32"
+    assert full.data.on_device and full.model.dtype == "bfloat16"
+    assert full.data.transfer_resolution == cpu.data.synthetic.resolution
+  assert load_config("r64", "schedule=full").data.predecoded  # 16 GB; larger stages are not.
+  assert not load_config("r192", "schedule=full").data.predecoded
+  assert load_config("r64", "schedule=full,recipe=seed").model.dtype == "float32"

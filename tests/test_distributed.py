@@ -7,10 +7,8 @@ import subprocess
 import sys
 import time
 
-import jax
-import numpy as np
 import pytest
-from conftest import tiny_run_config
+from conftest import relative_update_difference, tiny_run_config
 
 from dmjax import checkpoints
 
@@ -43,9 +41,11 @@ def cpu_env(devices: int) -> dict:
 
 @pytest.fixture(scope="module")
 def distributed_config(tiny_data_config):
+  # SGD: Adam would amplify summation-order noise in near-zero gradients (g/sqrt(v) ~ sign(g)).
   return tiny_run_config(tiny_data_config, num_train_steps=3, log_every_steps=1,
                          eval_every_steps=100, checkpoint_every_steps=100,
-                         **{"optimizer.warmup_steps": 1})
+                         **{"optimizer.name": "sgd", "optimizer.learning_rate": 0.05,
+                            "optimizer.warmup_steps": 1})
 
 
 def test_two_processes_match_one_process_and_restore_in_one(distributed_config, tmp_path):
@@ -62,8 +62,9 @@ def test_two_processes_match_one_process_and_restore_in_one(distributed_config, 
   _, one, step = checkpoints.restore_model(str(single))
   _, two, step_two = checkpoints.restore_model(str(multi))
   assert step == step_two == 3
-  for x, y in zip(jax.tree.leaves(one), jax.tree.leaves(two), strict=True):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  difference = relative_update_difference(distributed_config, one, two)
+  assert difference < 1e-3, difference
+  print(f"relative update difference, 2 processes x 2 devices vs 1 x 4: {difference:.2e}")
   assert (multi / "final_metrics.json").exists()  # Written once, by process 0.
 
 

@@ -291,7 +291,6 @@ def stored_ids(batches, examples):
 
 def test_on_device_batches_are_stored_examples_decoded_or_predecoded(tiny_data_config):
   config = on_device(tiny_data_config)
-  pipeline.prepare(config)
   predecoded = take(pipeline.create_train_iterator(config), 7)
   decoded = take(pipeline.create_train_iterator(copy_of(config, **{"data.predecoded": False})), 7)
   assert_same_batches(predecoded, decoded)
@@ -305,7 +304,6 @@ def test_on_device_batches_are_stored_examples_decoded_or_predecoded(tiny_data_c
 
 def test_on_device_stream_covers_each_epoch_across_processes_and_reshuffles(tiny_data_config):
   config = on_device(tiny_data_config)
-  pipeline.prepare(config)
   examples = stored_examples(config, "train")
   # 24 examples, global batch 4 over 2 processes: 6 global batches per epoch.
   ids = {p: stored_ids(take(pipeline.create_train_iterator(config, process_index=p,
@@ -323,7 +321,6 @@ def test_on_device_stream_covers_each_epoch_across_processes_and_reshuffles(tiny
 
 def test_on_device_state_round_trip_and_workers_unpickle_the_stream(tiny_data_config):
   config = on_device(tiny_data_config)
-  pipeline.prepare(config)
   iterator = pipeline.create_train_iterator(config)
   take(iterator, 5)  # Crosses into the second epoch.
   state = iterator.get_state()
@@ -352,7 +349,7 @@ def test_predecoding_is_all_or_nothing_and_needs_on_device(tiny_data_config, tmp
   assert arrays["fg_bg"].shape == (24, 24, 24, 3) and arrays["depth"].dtype == np.uint16
   assert glob.glob(directory + ".partial-*") == [directory + ".partial-1"]  # Ours was renamed.
   with pytest.raises(ValueError, match="config.data.on_device"):
-    pipeline.prepare(copy_of(tiny_data_config, **{"data.predecoded": True}))
+    pipeline.create_train_iterator(copy_of(tiny_data_config, **{"data.predecoded": True}))
 
 
 def test_examples_of_different_sizes_need_a_transfer_resolution():

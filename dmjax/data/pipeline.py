@@ -45,11 +45,6 @@ def prepare(config: ml_collections.ConfigDict) -> None:
   source = sources.get_source(config)
   source.builder.download_and_prepare(file_format="array_record",
                                       download_config=source.download_config)
-  if config.data.predecoded:
-    if not config.data.on_device:
-      raise ValueError("config.data.predecoded=True needs config.data.on_device=True (the host "
-                       "augmentation decodes and resizes each example anyway)")
-    predecode(config, "train")
 
 
 def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
@@ -77,8 +72,11 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, process_index: i
   identity = {"dataset": source.name, "seed": config.seed, "batch_size": local_batch_size,
               "process_index": process_index, "process_count": process_count,
               "on_device": bool(config.data.on_device)}
+  if config.data.predecoded and not config.data.on_device:
+    raise ValueError("config.data.predecoded=True needs config.data.on_device=True (the host "
+                     "augmentation decodes and resizes each example anyway)")
   if config.data.on_device:
-    examples = (PredecodedExamples(predecoded_dir(config, "train")) if config.data.predecoded
+    examples = (PredecodedExamples(predecode(config, "train")) if config.data.predecoded
                 else DecodedExamples(_data_source(source, "train"),
                                      config.data.transfer_resolution))
     batches = grain.MapDataset.range(_ENDLESS).map(StoredBatch(
