@@ -99,7 +99,7 @@ class DepthMaskNetV2(nn.Module):
   Why this size: on the 2-core CPU the project trains on (batch 32 at 64x64), step time is
   dominated by full-resolution layers and, there, by the weight gradients of the convolutions.
   Running every decoder conv at H/2 or coarser and keeping the full-resolution stems at w = 8
-  channels gives 2.4 train steps/s with the input pipeline (the README's run); the seed model,
+  channels gives 2.2–2.7 train steps/s with the input pipeline (the README's run); the seed model,
   at 17x the FLOPs per image, is 8x slower per step (docs/benchmarks.md).
   Parameters are far below the 8M budget because capacity is cheap in parameters but not in
   time; `width` scales every stage (16 gives 2.1M parameters at about a third of the speed).
