@@ -63,11 +63,16 @@ def make_eval_step(model, mesh: Mesh) -> Callable:
 
 def evaluate(step_fn: Callable, variables, batches: Iterable[dict], mesh: Mesh,
              prefix: str = "") -> dict[str, float]:
-  """Merges `step_fn(variables, batch)` metric collections over batches into a flat dict."""
+  """Merges `step_fn(variables, batch)` metric collections over batches into a flat dict.
+
+  Each step's (replicated) sums come to the host and are merged there: merging global arrays
+  would make every process launch a tiny program over all devices of all processes per batch.
+  """
   collection = None
   sharding = batch_sharding(mesh)
   for batch in batches:
-    update = step_fn(variables, to_global(batch, sharding))
+    update = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
+                          step_fn(variables, to_global(batch, sharding)))
     collection = update if collection is None else collection.merge(update)
   if collection is None:
     raise ValueError("evaluation got no batches: is the split empty?")

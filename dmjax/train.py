@@ -296,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
   p_train_step = make_train_step(model, tx, config.loss, mesh, make_preprocess(config))
   p_eval_step = evaluation.make_eval_step(model, mesh)
   schedule = create_learning_rate_schedule(config.optimizer, config.num_train_steps)
-  batches = DevicePrefetcher(train_iter, evaluation.batch_sharding(mesh))
+  train_batches = DevicePrefetcher(train_iter, evaluation.batch_sharding(mesh))
 
   def run_eval(step: int, num_examples: int) -> dict[str, float]:
     batches = pipeline.create_eval_batches(config, config.data.eval_split, num_examples,
@@ -322,7 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
   try:
     for step in range(initial_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, terms = p_train_step(state, next(batches))
+        state, terms = p_train_step(state, next(train_batches))
       history.append((step, terms))
       for hook in hooks:
         hook(step)
@@ -349,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
       if should_save:
         model_item, train_item = split_state(state)
         checkpoints.save(manager, step, model=model_item, train=train_item, config=config,
-                         data_iterator=_FrozenIterator(batches))
+                         data_iterator=_FrozenIterator(train_batches))
       if stop.requested:
         manager.wait_until_finished()
         logging.warning("Saved step %d after SIGTERM; re-run the same command to resume.", step)

@@ -39,6 +39,21 @@ def cpu_env(devices: int) -> dict:
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
+def run_group(command, timeout=600, **kwargs) -> tuple[int, str]:
+  """Runs `command` in its own process group; (exit status, stderr). A process stuck in a
+  collective that its peer never joins would hang the suite, so past `timeout` the whole group
+  (the launcher's children too) is killed and the test fails."""
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+  try:
+    _, stderr = process.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    os.killpg(process.pid, signal.SIGKILL)
+    _, stderr = process.communicate()
+    pytest.fail(f"{command[1:3]} did not finish in {timeout} s: {stderr[-3000:]}")
+  return process.returncode, stderr
+
+
 @pytest.fixture(scope="module")
 def distributed_config(tiny_data_config):
   # SGD: Adam would amplify summation-order noise in near-zero gradients (g/sqrt(v) ~ sign(g)).
@@ -51,12 +66,12 @@ def distributed_config(tiny_data_config):
 def test_two_processes_match_one_process_and_restore_in_one(distributed_config, tmp_path):
   config_path = write_config(tmp_path, distributed_config)
   single, multi = tmp_path / "single", tmp_path / "multi"
-  subprocess.run(main_command(config_path, single), env=cpu_env(4), cwd=REPO, check=True,
-                 capture_output=True)
-  launched = subprocess.run(
+  returncode, stderr = run_group(main_command(config_path, single), env=cpu_env(4))
+  assert returncode == 0, stderr[-3000:]
+  returncode, stderr = run_group(
       [sys.executable, "launch/local.py", "--num_processes=2", "--cpu_devices_per_process=2",
-       "--", *main_command(config_path, multi)], cwd=REPO, capture_output=True, text=True)
-  assert launched.returncode == 0, launched.stderr[-3000:]
+       "--", *main_command(config_path, multi)])
+  assert returncode == 0, stderr[-3000:]
 
   # One checkpoint, written together by both processes, that a single process restores.
   _, one, step = checkpoints.restore_model(str(single))

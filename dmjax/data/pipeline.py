@@ -64,14 +64,15 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, process_index: i
   CheckpointHandler (`get_state()` → bytes, `set_state(bytes)`, `start_prefetch()`).
 
   Batches: `bg`, `fg_bg` float32 (b, R, R, 3) normalised with the channel statistics of
-  dmjax.config; `mask`, `depth` float32 (b, R, R, 1) in [0, 1]; b = batch_size / process_count.
+  dmjax.data.schema; `mask`, `depth` float32 (b, R, R, 1) in [0, 1]; b = batch_size /
+  process_count. With `config.data.on_device`, stored examples instead (uint8 photos and mask,
+  uint16 depth) for `dmjax.data.device_augment`.
   """
   process_index, process_count = _process(process_index, process_count)
   local_batch_size = _local_batch_size(config.batch_size, process_count, "config.batch_size")
   source = _built_source(config, "train")
   identity = {"dataset": source.name, "seed": config.seed, "batch_size": local_batch_size,
-              "process_index": process_index, "process_count": process_count,
-              "on_device": bool(config.data.on_device)}
+              "process_index": process_index, "process_count": process_count}
   if config.data.predecoded and not config.data.on_device:
     raise ValueError("config.data.predecoded=True needs config.data.on_device=True (the host "
                      "augmentation decodes and resizes each example anyway)")
@@ -82,7 +83,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, process_index: i
     batches = grain.MapDataset.range(_ENDLESS).map(StoredBatch(
         examples, seed=config.seed, global_batch_size=config.batch_size,
         local_batch_size=local_batch_size, process_index=process_index))
-    identity["transfer_resolution"] = config.data.transfer_resolution
+    identity.update(on_device=True, transfer_resolution=config.data.transfer_resolution)
     return TrainIterator(batches, identity, num_workers=config.data.num_workers,
                          prefetch=config.data.prefetch)
   records = grain.MapDataset.source(_data_source(source, "train"))
@@ -289,7 +290,21 @@ def predecode(config: ml_collections.ConfigDict, split: str) -> str:
                size / 2**30, directory)
   partial = f"{directory}.partial-{os.getpid()}"
   os.makedirs(partial, exist_ok=True)
-  arrays = {key: np.lib.format.open_memmap(os.path.join(partial, key + ".npy"), mode="w+",
+  try:
+    _write_predecoded(examples, first, partial, split)
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  try:
+    os.rename(partial, directory)
+  except OSError:  # Another process finished the same arrays first.
+    shutil.rmtree(partial, ignore_errors=True)
+  return directory
+
+
+def _write_predecoded(examples: DecodedExamples, first: dict[str, np.ndarray], directory: str,
+                      split: str) -> None:
+  arrays = {key: np.lib.format.open_memmap(os.path.join(directory, key + ".npy"), mode="w+",
                                            dtype=value.dtype, shape=(len(examples), *value.shape))
             for key, value in first.items()}
   decoded = grain.MapDataset.source(examples).to_iter_dataset(
@@ -302,12 +317,6 @@ def predecode(config: ml_collections.ConfigDict, split: str) -> str:
       array[index] = example[key]
   for array in arrays.values():
     array.flush()
-  del arrays
-  try:
-    os.rename(partial, directory)
-  except OSError:  # Another process finished the same arrays first.
-    shutil.rmtree(partial, ignore_errors=True)
-  return directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,8 +396,9 @@ class TrainIterator:
 
   def set_state(self, state: bytes) -> None:
     restored = json.loads(state.decode() if isinstance(state, bytes) else state)
-    differing = {k: (restored.get(k), v) for k, v in self._identity.items()
-                 if restored.get(k) != v}
+    keys = (self._identity.keys() | restored.keys()) - {"next_batch"}
+    differing = {k: (restored.get(k), self._identity.get(k)) for k in sorted(keys)
+                 if restored.get(k) != self._identity.get(k)}
     if differing:
       shown = ", ".join(f"{k}: saved {saved!r}, now {now!r}" for k, (saved, now) in
                         differing.items())
