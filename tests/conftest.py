@@ -102,6 +102,23 @@ def trained(tiny_data_config, tmp_path_factory):
   return config, workdir, results
 
 
+@pytest.fixture(scope="session")
+def one_device_run(tiny_data_config, tmp_path_factory):
+  """(config, workdir) of a 3-step SGD run on this process's one CPU device: the reference that
+  runs on more devices and more processes must reproduce. SGD, because Adam would amplify
+  summation-order noise in near-zero gradients (g / sqrt(v) ~ sign(g)); at a constant rate, so
+  that runs of other lengths compile the same step (and find it in the compilation cache)."""
+  from dmjax import train
+
+  config = tiny_run_config(tiny_data_config, num_train_steps=3, log_every_steps=1,
+                           eval_every_steps=100, checkpoint_every_steps=100,
+                           **{"optimizer.name": "sgd", "optimizer.learning_rate": 0.05,
+                              "optimizer.schedule": "step", "optimizer.step_every": 0})
+  workdir = str(tmp_path_factory.mktemp("one_device"))
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
 def relative_update_difference(config, first, second) -> float:
   """|Δfirst − Δsecond| / |Δfirst| over every variable, Δ being the change from `config`'s
   initial variables: how far two runs that should agree moved apart.
