@@ -50,6 +50,7 @@ FITS = ("resize", "pad")
 MULTIPLE = 16  # The models halve the resolution four times.
 OUTPUT_KINDS = ("mask", "depth", "depth_color")
 
+
 class Prediction(NamedTuple):
   mask: np.ndarray  # Probability of the object, float32 in [0, 1].
   depth: np.ndarray  # Float32 in [0, 1], 0 = nearest.
