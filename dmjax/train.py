@@ -357,6 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
         return {}
   finally:
     stop.restore()
+    train_iter.close()  # Its worker processes, if any, are not needed for evaluation.
     manager.wait_until_finished()
 
   logging.info("Training took %s; evaluating.", format_duration(time.time() - started))
