@@ -45,6 +45,12 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+def local_copy(tree):
+  """This process's copy of replicated global arrays, as numpy: it can be used without
+  collectives, by one process alone."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
 def predict(model, variables, batch) -> tuple[jax.Array, jax.Array]:
   """Mask probability and depth in [0, 1], float32, for a batch of the pipeline."""
   return models.predict_probabilities(model, variables, batch["bg"], batch["fg_bg"])
@@ -71,8 +77,7 @@ def evaluate(step_fn: Callable, variables, batches: Iterable[dict], mesh: Mesh,
   collection = None
   sharding = batch_sharding(mesh)
   for batch in batches:
-    update = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
-                          step_fn(variables, to_global(batch, sharding)))
+    update = local_copy(step_fn(variables, to_global(batch, sharding)))
     collection = update if collection is None else collection.merge(update)
   if collection is None:
     raise ValueError("evaluation got no batches: is the split empty?")

@@ -244,8 +244,7 @@ def mean_terms(history: list[tuple[int, dict]]) -> dict[str, float]:
 
 def write_examples(writer, step: int, variables, eval_batch, model, num: int = 6) -> None:
   batch = {k: v[:num] for k, v in eval_batch.items()}
-  # This process's copy of the replicated variables: the chief predicts alone, without collectives.
-  local = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), variables)
+  local = evaluation.local_copy(variables)  # The chief predicts alone.
   mask_prob, depth_pred = jax.device_get(evaluation.predict(model, local, batch))
   bg, fg_bg = pipeline.denormalize(batch)
   grid = visualize.example_grid(bg, fg_bg, batch["mask"], mask_prob, batch["depth"], depth_pred)

@@ -131,9 +131,9 @@ def relative_update_difference(config, first, second) -> float:
   import jax
   import numpy as np
 
-  from dmjax import train
+  from dmjax import models, train
 
-  model = train.models.create_model(config.model)
+  model = models.create_model(config.model)
   initial = train.create_train_state(config, model, train.create_optimizer(config),
                                      jax.random.PRNGKey(config.seed)).variables
   first_change, second_change = (
