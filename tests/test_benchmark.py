@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import HIDE_TENSORFLOW
 
 from dmjax import benchmark, flops, losses, models
 
@@ -22,9 +23,16 @@ COMMON_FIELDS = ("what", "images_per_sec", "device", "jax_version", "config", "b
 SPEC_SEED_GMAC_64 = 0.823  # SPEC §1: forward MACs per image of the seed model at 64 x 64.
 
 
+# `python -m dmjax.benchmark ARGS` with TensorFlow absent, as on the accelerator machines.
+_BENCHMARK_WITHOUT_TF = HIDE_TENSORFLOW + """
+import runpy
+runpy.run_module("dmjax.benchmark", run_name="__main__", alter_sys=True)
+"""
+
+
 def _run_benchmark(*args):
   # recipe=seed: the default recipe's step (SSIM 11) alone takes ~50 s to compile on 2 cores.
-  command = [sys.executable, "-m", "dmjax.benchmark", "--config=configs/r64.py:recipe=seed",
+  command = [sys.executable, "-c", _BENCHMARK_WITHOUT_TF, "--config=configs/r64.py:recipe=seed",
              "--config.data.resolution=32", "--config.batch_size=2", "--repeats=1",
              "--repeat_seconds=0", *args]
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
