@@ -18,6 +18,7 @@ arguments + outputs + temporaries, from XLA's memory analysis). Measurements liv
                configured  the config's own model, losses and optimizer (what training runs);
                compare     each of `--models` with BCE + Dice on both heads and SGD (momentum
                            0.9, weight decay 1e-5), the loss and optimizer of the PyTorch side;
+                           with `--compare_recipe=config`, with the config's own recipe instead;
                torch seed  dmjax.models.torch_seed (the seed in PyTorch) as the seed trained it:
                            float32, NCHW, cudnn.benchmark;
                torch best  the same as well as PyTorch can: bfloat16 autocast, channels-last and
@@ -45,6 +46,12 @@ arguments + outputs + temporaries, from XLA's memory analysis). Measurements liv
              at `--max_batch_resolution`: found by trying batches on a GPU; on a CPU, where the
              limit is host memory shared with everything else, only an estimate from XLA's
              memory analysis at two batch sizes
+  macs       XLA's multiply-accumulates of one image's inference forward pass (no timing), for
+             each of `--models` at each of `--macs_resolutions`
+  photo      `dmjax.predict.Predictor` (fit=auto: the model at its working size, the refiner in
+             2x steps up to the photo) on one pair of each `--photo_sizes`, in a fresh process
+             per size: seconds per pair after a warm-up call, the first call's (compiling), and
+             that process's peak RSS; the config's model at initialisation, or `--workdir`'s
   render     the synthetic renderer alone at 80 and 192 px: `images_per_sec` once the example's
              room is rendered (what a long build mostly does), `cold_images_per_sec` when every
              example needs a new room
@@ -74,7 +81,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dmjax import evaluation, flops, models, train
+from dmjax import errors, evaluation, flops, models, train
 from dmjax.data import pipeline, synthetic
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=False)
@@ -85,6 +92,10 @@ _REPEAT_SECONDS = flags.DEFINE_float(
     "repeat_seconds", 2.0, "Least time of one timed repeat (whole steps; at least one).")
 _MODELS = flags.DEFINE_list("models", ["depthmasknet", "depthmasknet_v2"],
                             "Models of the compare rows of `step` and of `predict`.")
+_COMPARE_RECIPE = flags.DEFINE_enum(
+    "compare_recipe", "torch", ["torch", "config"],
+    "Loss, optimizer and feeding of the compare rows: the PyTorch side's (BCE + Dice, SGD, model "
+    "inputs) or the config's own (only the model changes; for comparing models).")
 _DTYPES = flags.DEFINE_list("dtypes", [],
                             "Compute dtypes of the compare rows; empty = config.model.dtype.")
 _TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch seed beside dmjax in `step`.")
@@ -93,6 +104,8 @@ _TORCH_VARIANTS = flags.DEFINE_list("torch_variants", ["seed", "best", "best_fp3
 _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", True,
                                    "Use torch.compile in the PyTorch runners that call for it.")
 _PREDICT_BATCH = flags.DEFINE_integer("predict_batch", 256, "Large batch of the predict rows.")
+_MACS_RESOLUTIONS = flags.DEFINE_list("macs_resolutions", ["64", "192"],
+                                      "Input sizes of the macs rows.")
 _MAX_BATCH_RESOLUTION = flags.DEFINE_integer("max_batch_resolution", 192,
                                              "Input size of the max_batch row.")
 _PIPELINE_RESOLUTIONS = flags.DEFINE_list("pipeline_resolutions", ["64", "192"],
@@ -108,6 +121,10 @@ _PIPELINE_EXAMPLES = flags.DEFINE_integer(
     "pipeline_examples", 512, "Training examples in the dataset built for the pipeline rows.")
 _RENDER_RESOLUTIONS = flags.DEFINE_list("render_resolutions", ["80", "192"],
                                         "Render sizes to measure the renderer at.")
+_PHOTO_SIZES = flags.DEFINE_list("photo_sizes", ["512x512", "1024x1024", "2048x1536"],
+                                 "WIDTHxHEIGHT of the photo pairs of the `photo` rows.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "`photo` rows: a trained run's latest "
+                               "checkpoint instead of the config's model at initialisation.")
 _SECONDS = flags.DEFINE_float("seconds", 10.0,
                               "Time per pipeline and render measurement, after warm-up (or "
                               "--max_batches first).")
@@ -274,6 +291,9 @@ def compare_config(config: ml_collections.ConfigDict, model_name: str,
                    dtype: str) -> ml_collections.ConfigDict:
   """The config's stage with `model_name`, trained with the PyTorch side's loss and optimizer."""
   config = config.copy_and_resolve_references()
+  if config.model.get("refiner", False):  # The bare model at its own size, as PyTorch runs it.
+    config.model.refiner = False
+    config.data.resolution //= 2
   config.model.name = model_name
   config.model.dtype = dtype
   config.loss.update(COMPARE_LOSS)
@@ -314,7 +334,8 @@ class TorchTrainer:
     from dmjax.models import torch_seed  # noqa: PLC0415
 
     if variant not in TORCH_VARIANTS:
-      raise ValueError(f"--torch_variants: unknown {variant!r}; known: {sorted(TORCH_VARIANTS)}")
+      raise errors.UserError(f"--torch_variants: unknown {variant!r}; known: "
+                             f"{sorted(TORCH_VARIANTS)}")
     self._torch = torch
     self._amp, self._channels_last, use_compile = TORCH_VARIANTS[variant]
     self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -407,7 +428,10 @@ def _torch_runners(batch: dict[str, np.ndarray]) -> tuple[list[Runner], list[Row
 
 
 def measure_step(config: ml_collections.ConfigDict) -> Iterable[Row]:
-  batch = random_batch(config.batch_size, config.data.resolution)
+  # The compare and PyTorch rows run the bare model at its own size (compare_config).
+  compare_resolution = compare_config(config, config.model.name,
+                                      config.model.dtype).data.resolution
+  batch = random_batch(config.batch_size, compare_resolution)
   runners = []
   trainer = JaxTrainer(config, training_batch(config, config.batch_size))
   runners.append(Runner("configured", trainer.run, trainer.batch_size, {
@@ -416,11 +440,19 @@ def measure_step(config: ml_collections.ConfigDict) -> Iterable[Row]:
       "on_device": bool(config.data.on_device), **trainer.fields()}))
   compare_names = []
   for model_name, dtype in itertools.product(_MODELS.value, _DTYPES.value or [config.model.dtype]):
-    trainer = JaxTrainer(compare_config(config, model_name, dtype), batch)
+    if _COMPARE_RECIPE.value == "config":
+      model_config = config.copy_and_resolve_references()
+      model_config.model.update(name=model_name, dtype=dtype)
+      trainer = JaxTrainer(model_config, training_batch(model_config, config.batch_size))
+      recipe = {"loss": "config", "optimizer": config.optimizer.name,
+                "on_device": bool(config.data.on_device)}
+    else:
+      trainer = JaxTrainer(compare_config(config, model_name, dtype), batch)
+      recipe = {"loss": "bce_dice", "optimizer": "sgd"}
     compare_names.append(f"{model_name}:{dtype}")
     runners.append(Runner(compare_names[-1], trainer.run, trainer.batch_size, {
-        "framework": "jax", "model": model_name, "variant": "compare", "loss": "bce_dice",
-        "optimizer": "sgd", "dtype": dtype, **trainer.fields()}))
+        "framework": "jax", "model": model_name, "variant": "compare", **recipe, "dtype": dtype,
+        **trainer.fields()}))
   torch_runners, notes = _torch_runners(batch)
   # The PyTorch model is the seed: charge it the XLA FLOPs of dmjax's seed model, so that both
   # sides' fractions of peak are of the same count.
@@ -432,7 +464,8 @@ def measure_step(config: ml_collections.ConfigDict) -> Iterable[Row]:
 
   rates = interleaved_rates(runners, repeats=_REPEATS.value, repeat_seconds=_REPEAT_SECONDS.value)
   for runner in runners:
-    row = {"what": "step", "resolution": config.data.resolution, **runner.row,
+    resolution = config.data.resolution if runner.name == "configured" else compare_resolution
+    row = {"what": "step", "resolution": resolution, **runner.row,
            **_rate_fields(rates[runner.name])}
     row.update(_efficiency_fields(row.pop("flops_per_image"), row["images_per_sec"],
                                   row["dtype"]))
@@ -473,6 +506,22 @@ def measure_predict(config: ml_collections.ConfigDict) -> Iterable[Row]:
           None if flops_per_call is None else flops_per_call / batch_size, row["images_per_sec"],
           config.model.dtype))
       yield row
+
+
+def measure_macs(config: ml_collections.ConfigDict) -> Iterable[Row]:
+  """Multiply-accumulates of one image's inference forward pass, from XLA's cost analysis (half
+  its FLOPs, so elementwise work is in it too), for each of `--models` and `--macs_resolutions`.
+  Compiled, not run."""
+  for model_name, resolution in itertools.product(_MODELS.value, _MACS_RESOLUTIONS.value):
+    model_config = config.model.copy_and_resolve_references()
+    model_config.name = model_name
+    model = models.create_model(model_config)
+    images = jax.ShapeDtypeStruct((1, int(resolution), int(resolution), 3), np.float32)
+    variables = jax.eval_shape(lambda x, m=model: m.init(jax.random.PRNGKey(0), x, x), images)
+    forward = jax.jit(functools.partial(models.predict_probabilities, model))
+    flops_per_image = flops.compiled_flops(forward.lower(variables, images, images).compile())
+    yield {"what": "macs", "model": model_name, "resolution": int(resolution),
+           "xla_gmac": None if flops_per_image is None else round(flops_per_image / 2e9, 3)}
 
 
 PIPELINE_MODES = {  # --pipeline_modes: (data.on_device, data.predecoded)
@@ -664,6 +713,68 @@ def measure_render(config: ml_collections.ConfigDict) -> Iterable[Row]:
            "resolution": resolution, "examples": count}
 
 
+def _photo_predictor(config_json: str, workdir: str | None):
+  from dmjax import predict  # noqa: PLC0415 (what the other rows do not need)
+
+  if workdir:
+    return predict.Predictor.from_workdir(workdir, batch_size=1)
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  model = models.create_model(config.model)
+  variables = train.initial_variables(model, jax.random.PRNGKey(0), config.data.resolution)
+  return predict.Predictor(model=model, variables=variables,
+                           resolution=config.data.resolution, batch_size=1)
+
+
+def _time_photo(config_json: str, workdir: str | None, width: int, height: int,
+                repeats: int) -> Row:
+  """In a fresh process: seconds per pair after a warm-up call, and the process's peak RSS."""
+  predictor = _photo_predictor(config_json, workdir)
+  rng = np.random.default_rng(0)
+  bg = rng.integers(0, 256, (height, width, 3), np.uint8)
+  fg_bg = bg.copy()
+  box = (slice(height // 4, height // 2), slice(width // 3, width // 2))
+  fg_bg[box] = 255 - fg_bg[box]
+  started = time.perf_counter()
+  predictor(bg, fg_bg)  # Compiles every level of this size.
+  first = time.perf_counter() - started
+  seconds = []
+  for _ in range(repeats):
+    started = time.perf_counter()
+    predictor(bg, fg_bg)
+    seconds.append(time.perf_counter() - started)
+  return {"first_call_seconds": round(first, 2),
+          "seconds_per_pair": round(statistics.median(seconds), 3),
+          "min_seconds": round(min(seconds), 3), "max_seconds": round(max(seconds), 3),
+          "levels": [list(s) for s in predictor._cascade.sizes(height, width)],
+          "process_peak_rss_mb": round(own_peak_rss_bytes() / MiB, 1)}
+
+
+def own_peak_rss_bytes() -> int:
+  """This process's own peak RSS (VmHWM). Unlike ru_maxrss, which after fork and exec keeps
+  the parent's high-water mark, it starts afresh in every new program."""
+  with open("/proc/self/status") as status:
+    for line in status:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024
+  raise OSError("/proc/self/status has no VmHWM line")
+
+
+def measure_photo(config: ml_collections.ConfigDict) -> Iterable[Row]:
+  """`Predictor` (fit=auto, dmjax.models.refiner.Cascade) on one photo pair of each size."""
+  import multiprocessing  # noqa: PLC0415
+
+  config_json = config.copy_and_resolve_references().to_json()
+  for size in _PHOTO_SIZES.value:
+    width, height = (int(x) for x in size.lower().split("x"))
+    # One fresh process per size: its peak RSS is that size's, compilation included.
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+      row = pool.apply(_time_photo, (config_json, _WORKDIR.value, width, height,
+                                     _REPEATS.value))
+    yield {"what": "photo", "width": width, "height": height, "model": config.model.name,
+           "refiner": bool(config.model.get("refiner", False)), "workdir": _WORKDIR.value,
+           "images_per_sec": round(1 / row["seconds_per_pair"], 3), **row}
+
+
 MEASUREMENTS: dict[str, Callable[[ml_collections.ConfigDict], Iterable[Row]]] = {
     "step": measure_step,
     "predict": measure_predict,
@@ -672,6 +783,8 @@ MEASUREMENTS: dict[str, Callable[[ml_collections.ConfigDict], Iterable[Row]]] = 
     "augment": measure_augment,
     "max_batch": measure_max_batch,
     "render": measure_render,
+    "photo": measure_photo,
+    "macs": measure_macs,
 }
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from dmjax import errors
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -19,6 +21,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.name = "depthmasknet_v2"  # A name from dmjax.models.MODELS.
   c.model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16"; parameters stay float32.
   c.model.blur = True  # depthmasknet_v2 only: blur after each pixel shuffle.
+  # Run the model at half the input size and sharpen its logits back to full size with a small
+  # full-resolution refiner (dmjax.models.refiner); at inference the refiner climbs in 2x steps
+  # to the photo's own size.
+  c.model.refiner = False
+  c.model.refiner_features = 12
+  c.model.refiner_window = 0  # Train the refiner on this window of each example; 0 = all of it.
+  # unet_dual only: "leaky_relu" (slope 0.2, the logged run) or "relu" (the stored code).
+  c.model.decoder_activation = "leaky_relu"
+  # unet_dual, u2netp_dual: how the model rescales its (dataset-standardised) photos: "dataset"
+  # (as given), "unit" (rgb in [0, 1], seed 004) or "image_max" (rgb / its max, seed 003).
+  c.model.input_norm = "dataset"
+  c.model.variant = "S"  # two_stage only: "S" (5.8M parameters) or "full" (40.1M).
+  c.model.stage2_input = "concat"  # two_stage only: "concat", "multiply" or "both".
+  c.model.teacher_forcing_steps = 0  # two_stage only: anneal ground-truth masks out by then.
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"  # A name from dmjax.data.sources: "synthetic" or "seed".
@@ -54,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seed_layout.depth_pattern = "densedepth_b{bg}_f{fg}_{i}.jpg"
   c.data.seed_layout.split = "image"  # "image": the seed's 70/30 split; "background": by bg.
   c.data.seed_layout.test_fraction = 0.3
+  # Seeds the train/test split (and so names the built dataset); not the training seed, so that
+  # changing `seed` keeps the test set.
+  c.data.seed_layout.split_seed = 0
   c.data.seed_layout.skip_bad = False  # Skip (count and list) bad examples instead of failing.
 
   c.data.augment = ml_collections.ConfigDict()
@@ -73,11 +92,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.depth_edge = 1.0
   c.loss.depth_bce_dice = 0.0  # The seed's BCE + Dice on depth.
   c.loss.ssim_window = 11  # 11 = Wang et al. reference; 3 = the seed.
+  # "reference": valid filtering, clip((1 - SSIM) / 2, 0, 1); "kornia2020": the seed's kornia
+  # SSIM, reflect padding, clip(1 - SSIM, 0, 1) / 2 (dmjax.losses.ssim_loss).
+  c.loss.ssim_form = "reference"
+  # model.refiner: weight of the same loss terms on the base network's own (half-size) logits.
+  c.loss.coarse = 1.0
+  # The other seeds' terms (dmjax.losses): seed 004's IoU loss and Sobel edge, seed 003's BCE on
+  # depth and deep supervision of the side outputs (u2netp_dual only), Hu et al.'s depth loss.
+  c.loss.mask_iou = 0.0
+  c.loss.depth_bce = 0.0
+  c.loss.depth_sobel_edge = 0.0
+  c.loss.depth_hu = 0.0
+  c.loss.side_bce = 0.0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # "adamw" or "sgd".
   c.optimizer.learning_rate = 2e-3
-  c.optimizer.schedule = "cosine"  # "cosine" (with warm-up) or "step" (the seed's).
+  # "cosine" (with warm-up), "step" (seed 002's) or "one_cycle" (seed 003's: linear from
+  # one_cycle_start · learning_rate up to learning_rate at half the steps, and back down).
+  c.optimizer.schedule = "cosine"
+  c.optimizer.one_cycle_start = 0.1
   c.optimizer.warmup_steps = 200
   c.optimizer.weight_decay = 1e-4
   c.optimizer.momentum = 0.9  # sgd only.
@@ -103,10 +137,69 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
     if not sep or key not in defaults:
-      raise ValueError(
+      raise errors.UserError(
           f"config argument {item!r}: expected key=value with key one of {sorted(defaults)}")
     parsed[key] = type(defaults[key])(value)
   return parsed
+
+
+# Steps between two of each periodic action; 0 = never (a derived interval may round to 0).
+INTERVAL_KEYS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                 "optimizer.step_every", "optimizer.warmup_steps")
+MODEL_SIZE_MULTIPLE = 16  # Every model halves the resolution four times.
+SSIM_FORMS = ("reference", "kornia2020")  # loss.ssim_form: see dmjax.losses.ssim_loss.
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+  """Refuses settings that cannot work, before anything is built or compiled.
+
+  Raises `dmjax.errors.UserError` with one line naming the key. `device_count` defaults to
+  `jax.device_count()` (all devices of all processes).
+  """
+  if device_count is None:
+    import jax  # noqa: PLC0415  (configs are read without JAX)
+
+    device_count = jax.device_count()
+
+  def refuse(key: str, what: str):
+    raise errors.UserError(f"config.{key}={_lookup(config, key)!r}: {what}")
+
+  def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+  if not is_int(config.num_train_steps) or config.num_train_steps < 1:
+    refuse("num_train_steps", "expected a positive number of steps")
+  for key in INTERVAL_KEYS:
+    value = _lookup(config, key)
+    if not is_int(value) or value < 0:
+      refuse(key, "expected a whole number of steps, 0 for never")
+  for key in ("batch_size", "eval_batch_size"):
+    value = _lookup(config, key)
+    if not is_int(value) or value < 1 or value % device_count:
+      refuse(key, f"expected a positive multiple of the {device_count} devices (every device "
+             "gets an equal share of each batch)")
+  if not is_int(config.keep_checkpoints) or config.keep_checkpoints < 1:
+    refuse("keep_checkpoints", "expected at least 1")
+  resolution = config.data.resolution
+  if not is_int(resolution) or resolution < 1 or resolution % MODEL_SIZE_MULTIPLE:
+    refuse("data.resolution", f"expected a positive multiple of {MODEL_SIZE_MULTIPLE}")
+  num_eval = config.data.num_eval_examples
+  if not is_int(num_eval) or (num_eval < 1 and num_eval != -1):
+    refuse("data.num_eval_examples", "expected a positive number, or -1 for all")
+  if config.loss.depth_ssim:
+    window = config.loss.ssim_window
+    if not is_int(window) or window < 1 or window % 2 == 0 or window > resolution:
+      refuse("loss.ssim_window", f"expected an odd window of at most data.resolution="
+             f"{resolution} pixels")
+    if config.loss.get("ssim_form", "reference") not in SSIM_FORMS:
+      refuse("loss.ssim_form", f"expected one of {SSIM_FORMS}")
+
+
+def _lookup(config: ml_collections.ConfigDict, dotted_key: str):
+  value = config
+  for part in dotted_key.split("."):
+    value = value[part]
+  return value
 
 
 # The seeds' progressive resizing (SPEC §5): batch size and epochs of each stage, one epoch being
@@ -117,6 +210,26 @@ SEED_EPOCH_EXAMPLES = 280_000
 CPU_STAGES = {64: (32, 2_400), 112: (16, 1_500), 192: (8, 1_000)}
 
 
+# Predecoding the CPU stage's training split is worth it up to this size on disk.
+MAX_PREDECODED_BYTES = 4 << 30
+
+
+def _add_refiner(c: ml_collections.ConfigDict, schedule: str) -> None:
+  """The stage's model runs at its resolution inside a refined model twice that size
+  (dmjax.models.refiner), so it learns to give sharp outputs at the photo's own size."""
+  c.model.refiner = True
+  c.model.refiner_window = c.data.resolution * 3 // 4  # 9/64 of the refined size.
+  c.data.resolution *= 2  # refiner.REFINE_FACTOR; JAX is not imported by configs.
+  full = c.data.resolution + c.data.resolution // 4  # Room for crops of 80 % of the side.
+  if schedule == "cpu":
+    c.num_train_steps = c.num_train_steps * 2 // 3  # Its step costs 1.5x the base's alone.
+    c.data.synthetic.resolution = full
+    bytes_per_example = full * full * 9  # Two photos, a mask and 16-bit depth.
+    c.data.predecoded = c.data.synthetic.num_train * bytes_per_example <= MAX_PREDECODED_BYTES
+  else:  # The seed-sized sets are rendered at 240 px; larger stages train on upsampled crops.
+    c.data.transfer_resolution = min(full, c.data.synthetic.resolution)
+
+
 def stage_config(resolution: int, arg: str | None) -> ml_collections.ConfigDict:
   """The config of one progressive-resizing stage, with the variant `arg` chooses.
 
@@ -124,14 +237,21 @@ def stage_config(resolution: int, arg: str | None) -> ml_collections.ConfigDict:
   recipe=default|seed   our model and recipe, or the seed's own (faithful model, SGD 0.01
                         momentum 0.9, weight decay 1e-5, ×0.01 step decay every epoch, its
                         losses, no augmentation) for side-by-side comparison
+  model=NAME            another model from dmjax.models (default: depthmasknet_v2, or with
+                        recipe=seed depthmasknet); with recipe=seed, that model's own recipe
+                        (SEED_RECIPES)
   schedule=cpu|full     a run that fits a 2-core CPU, or the seeds' 280k-example epochs (GPU)
+  refiner=on|off        default recipe: the model at the stage's size inside a refined model
+                        twice that size (dmjax.models.refiner), or alone (the previous default:
+                        better depth, blurrier masks at large sizes; README)
   """
-  args = parse_arg(arg, data="synthetic", recipe="default", schedule="cpu")
+  args = parse_arg(arg, data="synthetic", recipe="default", schedule="cpu", model="",
+                   refiner="on")
   c = base_config()
   c.data.resolution = resolution
   c.data.source = args.data
   if args.data not in ("synthetic", "seed"):
-    raise ValueError(f"config argument data={args.data!r}: expected synthetic or seed")
+    raise errors.UserError(f"config argument data={args.data!r}: expected synthetic or seed")
 
   # The host only gathers stored examples; the train step augments them (dmjax.data.
   # device_augment). On a GPU the host could not keep up otherwise; on a CPU the step shares the
@@ -165,20 +285,94 @@ def stage_config(resolution: int, arg: str | None) -> ml_collections.ConfigDict:
     c.log_every_steps = 100
     c.eval_batch_size = 256
   else:
-    raise ValueError(f"config argument schedule={args.schedule!r}: expected cpu or full")
+    raise errors.UserError(f"config argument schedule={args.schedule!r}: expected cpu or full")
+  if args.refiner not in ("on", "off"):
+    raise errors.UserError(f"config argument refiner={args.refiner!r}: expected on or off")
+  if args.recipe == "default" and args.refiner == "on":
+    _add_refiner(c, args.schedule)
 
+  if args.model:
+    from dmjax import models  # noqa: PLC0415  (JAX and Flax, only when a model is named)
+
+    if args.model not in models.MODELS:
+      raise errors.UserError(f"config argument model={args.model!r}: expected one of "
+                             f"{sorted(models.MODELS)}")
+    c.model.name = args.model
   if args.recipe == "seed":
-    c.model.name = "depthmasknet"
+    name = args.model or "depthmasknet"  # Without model=, seed 002's model and recipe.
+    if name not in SEED_RECIPES:
+      raise errors.UserError(f"config argument recipe=seed: {name} has no recipe of its own; "
+                             f"models with one: {sorted(SEED_RECIPES)}")
+    c.model.name = name
     c.model.dtype = "float32"  # As the seeds trained.
-    c.optimizer.update(name="sgd", learning_rate=0.01, momentum=0.9, weight_decay=1e-5,
-                       schedule="step", step_factor=0.01, grad_clip_norm=0.0, warmup_steps=0)
-    # Decay where the seed's epochs ended, at the same fractions of the stage, however long
-    # `--config.num_train_steps` makes it.
-    c.optimizer.step_every = c.get_ref("num_train_steps") // SEED_STAGES[resolution][1]
-    # Its losses (seed 002), on the sigmoid of the logits rather than the raw logits it used.
-    c.loss.update(mask_bce=1.0, mask_dice=1.0, depth_l1=1.0, depth_ssim=1.0, depth_edge=0.0,
-                  depth_bce_dice=1.0, ssim_window=3)
-    c.data.augment.enabled = False
+    c.data.augment.enabled = False  # None of the seeds augmented.
+    SEED_RECIPES[name](c, resolution)
   elif args.recipe != "default":
-    raise ValueError(f"config argument recipe={args.recipe!r}: expected default or seed")
+    raise errors.UserError(f"config argument recipe={args.recipe!r}: expected default or seed")
   return c
+
+
+def _seed_002_recipe(c: ml_collections.ConfigDict, resolution: int) -> None:
+  """depthmasknet (SPEC §5): SGD 0.01, ×0.01 step decay at its epoch ends, BCE + Dice losses."""
+  c.optimizer.update(name="sgd", learning_rate=0.01, momentum=0.9, weight_decay=1e-5,
+                     schedule="step", step_factor=0.01, grad_clip_norm=0.0, warmup_steps=0)
+  # Decay where the seed's epochs ended, at the same fractions of the stage, however long
+  # `--config.num_train_steps` makes it.
+  c.optimizer.step_every = c.get_ref("num_train_steps") // SEED_STAGES[resolution][1]
+  # Its losses (seed 002), on the sigmoid of the logits rather than the raw logits it used.
+  c.loss.update(mask_bce=1.0, mask_dice=1.0, depth_l1=1.0, depth_ssim=1.0, depth_edge=0.0,
+                depth_bce_dice=1.0, ssim_window=3, ssim_form="kornia2020")
+
+
+def _seed_004_recipe(c: ml_collections.ConfigDict, resolution: int) -> None:
+  """unet_dual (MODELS.md §1.6–1.8): Adam 1e-3 constant, BCE + IoU mask, SSIM(3) + L1 + Sobel
+  edge depth, all weight 1, rgb in [0, 1]."""
+  del resolution
+  c.model.input_norm = "unit"  # ToTensor without Normalize.
+  c.model.decoder_activation = "leaky_relu"  # What the logged run used.
+  # Adam(lr 1e-3): its StepLR was created but never stepped, so the rate stayed constant.
+  c.optimizer.update(name="adamw", learning_rate=1e-3, weight_decay=0.0, schedule="step",
+                     step_every=0, grad_clip_norm=0.0, warmup_steps=0)
+  # The seed computed its IoU term, SSIM, L1 and edge terms on the raw outputs; here all are on
+  # sigmoid(logits), as the model's predictions are (BCE was from logits there too). Its SSIM
+  # was kornia 0.4.0's, 3x3 with reflect padding.
+  c.loss.update(mask_bce=1.0, mask_dice=0.0, mask_iou=1.0, depth_l1=1.0, depth_ssim=1.0,
+                ssim_window=3, ssim_form="kornia2020", depth_edge=0.0, depth_sobel_edge=1.0,
+                depth_bce_dice=0.0)
+
+
+def _seed_003_recipe(c: ml_collections.ConfigDict, resolution: int) -> None:
+  """u2netp_dual (MODELS.md §2.5–2.6): Adam with a linear one-cycle 1e-3 -> 1e-2 -> 1e-3, BCE on
+  the fused and all six side outputs of both tasks (14 terms, weight 1), photos / their max."""
+  del resolution
+  c.model.input_norm = "image_max"
+  c.optimizer.update(name="adamw", learning_rate=1e-2, one_cycle_start=0.1, weight_decay=0.0,
+                     schedule="one_cycle", grad_clip_norm=0.0, warmup_steps=0)
+  # The seed applied BCE to sigmoid outputs with torch's log clamp at -100; from logits it is the
+  # same wherever float32 sigmoid does not saturate (MODELS.md §2.5). Its labels were also divided
+  # by their own maxima; ours stay as they are (depth in [0, 1] is absolute here, and evaluation
+  # scores against the unscaled labels).
+  c.loss.update(mask_bce=1.0, mask_dice=0.0, depth_l1=0.0, depth_ssim=0.0, depth_edge=0.0,
+                depth_bce_dice=0.0, depth_bce=1.0, side_bce=1.0)
+
+
+def _two_stage_recipe(c: ml_collections.ConfigDict, resolution: int) -> None:
+  """two_stage (MODELS.md §3.3's proposal): the project's optimizer and augmentation, BCE + Dice
+  on the mask, Hu et al.'s depth loss against the ground truth, teacher forcing early on."""
+  del resolution
+  # The original's Adam 1e-4 was tuned for a mask net against a frozen pretrained depth net;
+  # from scratch the proposal keeps the project's recipe.
+  default = base_config()
+  c.optimizer.update(default.optimizer)
+  c.data.augment.enabled = True
+  # Hu et al.'s loss on sigmoid(logits): the original's depth output was raw.
+  c.loss.update(mask_bce=1.0, mask_dice=1.0, depth_l1=0.0, depth_ssim=0.0, depth_edge=0.0,
+                depth_bce_dice=0.0, depth_hu=1.0)
+  # Ground-truth masks into stage 2, with a probability annealed from 0.5 to 0 over the first
+  # quarter of the steps.
+  c.model.teacher_forcing_steps = c.get_ref("num_train_steps") // 4
+
+
+# Each model's own recipe, `recipe=seed` with `model=NAME`.
+SEED_RECIPES = {"depthmasknet": _seed_002_recipe, "unet_dual": _seed_004_recipe,
+                "u2netp_dual": _seed_003_recipe, "two_stage": _two_stage_recipe}

@@ -11,7 +11,9 @@ coordinator so that `jax.devices()` spans all of them. It is only called when as
     `launch/local.py` sets).
 
 A process that dies stops sending heartbeats; after `heartbeat_timeout_s` the coordination
-service fails the others instead of leaving them blocked in a collective.
+service fails the others instead of leaving them blocked in a collective. Joining also installs
+JAX's SIGTERM handler, through which the processes agree on the step at which to save and stop
+when pre-empted (`dmjax/preemption.py`); nothing here replaces it.
 """
 
 from __future__ import annotations

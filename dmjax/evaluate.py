@@ -31,9 +31,9 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
 
-from dmjax import checkpoints, evaluation, models, predict, train, visualize
+from dmjax import checkpoints, errors, evaluation, models, predict, summaries, train, visualize
 from dmjax import metrics as metrics_lib
-from dmjax.data import pipeline
+from dmjax.data import pipeline, schema, synthetic
 from dmjax.data.schema import DEPTH_VALID_MIN
 
 
@@ -161,7 +161,7 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, split: str = "
                         rank_by: str = "combined") -> Evaluation:
   """Restores a checkpoint and evaluates it and the baselines on `split`."""
   if rank_by not in EXAMPLE_ERRORS:
-    raise ValueError(f"rank_by={rank_by!r}: expected one of {sorted(EXAMPLE_ERRORS)}")
+    raise errors.UserError(f"rank_by={rank_by!r}: expected one of {sorted(EXAMPLE_ERRORS)}")
   saved_config, variables, step = checkpoints.restore_model(workdir, step)
   config = evaluation_config(saved_config, data_dir=data_dir, tfds_dir=tfds_dir,
                              batch_size=batch_size)
@@ -199,6 +199,63 @@ def _insert_after(results: dict, after: str, key: str, value: float) -> None:
   results.update(items)
 
 
+# ---- Held-out synthetic scenes rendered at the size of people's photos.
+
+RESOLUTION_KEYS = ("mask_iou", "mask_iou_per_image", "mask_boundary_f", "depth_rmse",
+                   "depth_rmse_aligned", "depth_delta1", "depth_delta1_aligned", "checkerboard")
+
+
+def stored_labels(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A stored example's mask (binarised at 0.5, as training binarises it) and depth, float32
+  in [0, 1], (1, H, W, 1)."""
+  mask = (example["mask"].astype(np.float32) / 255.0 >= metrics_lib.MASK_THRESHOLD)
+  depth = example["depth"].astype(np.float32) / schema.DEPTH_MAX_CODE
+  return {"mask": mask.astype(np.float32)[None], "depth": depth[None]}
+
+
+def evaluate_at_resolutions(predictor: predict.Predictor, resolutions: list[int], *,
+                            num_examples: int, scene_seed: int = 0,
+                            progress=None) -> dict[int, dict[str, float]]:
+  """The first `num_examples` held-out synthetic test scenes, rendered at each resolution and
+  predicted and scored there, at full resolution (rooms training never saw).
+
+  Scenes are the same at every resolution (dmjax.data.synthetic), so the rows differ only in
+  the size the model is given.
+  """
+  results = {}
+  for resolution in resolutions:
+    collection, boundary_f = None, []
+    for index in range(num_examples):
+      example = synthetic.render_example("test", index, resolution=resolution, seed=scene_seed)
+      mask, depth = predictor(example["bg"], example["fg_bg"])
+      labels = stored_labels(example)
+      update = jax.device_get(metrics_lib.compute_metrics(mask[None, ..., None],
+                                                          depth[None, ..., None], labels))
+      collection = update if collection is None else collection.merge(update)
+      boundary_f.append(metrics_lib.boundary_f_score(mask[None], labels["mask"]))
+      if progress:
+        progress(resolution, index + 1, num_examples)
+    metrics = {k: float(v) for k, v in collection.compute().items()}
+    metrics["mask_boundary_f"] = float(np.mean(np.concatenate(boundary_f)))
+    metrics["num_examples"] = num_examples
+    results[resolution] = metrics
+  return results
+
+
+def format_resolution_table(results: dict[int, dict[str, float]]) -> str:
+  lines = [f"{'size':>6}" + "".join(f"{k:>22}" for k in RESOLUTION_KEYS)]
+  for resolution, metrics in results.items():
+    lines.append(f"{resolution:>6}" + "".join(f"{metrics[k]:>22.4f}" for k in RESOLUTION_KEYS))
+  return "\n".join(lines)
+
+
+def _resolution_progress(resolution: int, done: int, total: int) -> None:
+  end = "\n" if done == total or not sys.stderr.isatty() else ""
+  if done == total or sys.stderr.isatty() or done % 8 == 0:
+    print(f"\revaluate: {resolution} px, {done}/{total} scenes", end=end, file=sys.stderr,
+          flush=True)
+
+
 def contact_sheet(tally: ExampleTally, *, min_height: int = 96) -> np.ndarray:
   """The worst examples above the best ones, each block under a title; uint8 (H, W, 3).
 
@@ -225,9 +282,6 @@ def _title_strip(text: str, width: int, height: int = 16) -> np.ndarray:
 
 def write_outputs(result: Evaluation, workdir: str, output: str | None) -> tuple[str, str]:
   """Writes the JSON, the contact sheet and the TensorBoard summaries; returns the two paths."""
-  # CLU's writers import TensorFlow, which nothing else here needs.
-  from clu import metric_writers  # noqa: PLC0415
-
   output = output or os.path.join(workdir, f"eval_{result.split}_{result.step}.json")
   sheet_path = os.path.splitext(output)[0] + "_examples.png"
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -235,7 +289,7 @@ def write_outputs(result: Evaluation, workdir: str, output: str | None) -> tuple
   sheet = contact_sheet(result.tally) if result.tally.worst is not None else None
   if sheet is not None:
     predict.write_png_atomically(sheet_path, sheet)
-  writer = metric_writers.SummaryWriter(workdir)
+  writer = summaries.metric_writers().SummaryWriter(workdir)  # TensorFlow's only if installed.
   prefix = f"evaluate/{result.split}/"
   writer.write_scalars(result.step, {prefix + k: v for k, v in result.metrics.items()})
   if sheet is not None:
@@ -265,19 +319,54 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="Worst and best examples each in the contact sheet; 0: no sheet.")
   parser.add_argument("--rank_by", default="combined", choices=sorted(EXAMPLE_ERRORS),
                       help="The per-example error that ranks them.")
+  parser.add_argument("--resolution", default="",
+                      help="Comma-separated sizes, e.g. 192,512,1024: score held-out synthetic "
+                           "scenes rendered at each size, at full resolution, predicted as "
+                           "dmjax.predict would (--fit), instead of the split.")
+  parser.add_argument("--fit", default="auto", choices=predict.FITS,
+                      help="With --resolution: how photos meet the model (see dmjax.predict).")
   return parser.parse_args(argv)
+
+
+def main_resolutions(args: argparse.Namespace) -> None:
+  try:
+    resolutions = [int(r) for r in args.resolution.split(",")]
+  except ValueError:
+    raise SystemExit(f"error: --resolution={args.resolution!r}: expected sizes like "
+                     "192,512") from None
+  num_examples = 64 if args.num_examples < 0 else args.num_examples
+  try:
+    predictor = predict.Predictor.from_workdir(args.workdir, step=args.step, fit=args.fit,
+                                               batch_size=1)
+    results = evaluate_at_resolutions(predictor, resolutions, num_examples=num_examples,
+                                      scene_seed=int(predictor.config.data.synthetic.seed),
+                                      progress=_resolution_progress)
+    output = args.output or os.path.join(
+        args.workdir, f"eval_resolutions_{args.fit}_{predictor.step}.json")
+    train.write_json_atomically(output, {
+        "workdir": os.path.abspath(args.workdir), "step": predictor.step, "fit": args.fit,
+        "metrics": {str(r): m for r, m in results.items()}})
+  except (errors.UserError, FileNotFoundError) as e:  # The user's to fix; bugs keep tracebacks.
+    raise SystemExit(f"error: {e}") from None
+  print(f"{args.workdir} step {predictor.step}, fit={args.fit}, {num_examples} held-out "
+        "synthetic scenes at each size:")
+  print(format_resolution_table(results))
+  print(f"Wrote {output}")
 
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  if args.resolution:
+    main_resolutions(args)
+    return
   try:
     result = evaluate_checkpoint(args.workdir, step=args.step, split=args.split,
                                  num_examples=args.num_examples, data_dir=args.data_dir,
                                  tfds_dir=args.tfds_dir, batch_size=args.batch_size,
                                  num_kept=args.num_kept, rank_by=args.rank_by)
     output, sheet_path = write_outputs(result, args.workdir, args.output)
-  except (ValueError, OSError) as e:
-    # Bad input is the user's to fix: one line, not a traceback.
+  except (errors.UserError, FileNotFoundError) as e:
+    # Bad input is the user's to fix: one line, not a traceback. Bugs keep their tracebacks.
     logging.debug("Traceback:", exc_info=True)
     raise SystemExit(f"error: {e}") from None
   model_keys = [k for k in result.metrics if not k.startswith("baseline_")]

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dmjax import errors, models
 from dmjax import metrics as metrics_lib
-from dmjax import models
 from dmjax.data import baselines as baselines_lib
 from dmjax.data import pipeline
 
@@ -80,7 +80,7 @@ def evaluate(step_fn: Callable, variables, batches: Iterable[dict], mesh: Mesh,
     update = local_copy(step_fn(variables, to_global(batch, sharding)))
     collection = update if collection is None else collection.merge(update)
   if collection is None:
-    raise ValueError("evaluation got no batches: is the split empty?")
+    raise errors.UserError("evaluation got no batches: is the split empty?")
   return {prefix + k: float(v) for k, v in collection.compute().items()}
 
 

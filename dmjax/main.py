@@ -7,7 +7,7 @@ Re-running the same command resumes from the workdir's latest checkpoint. On sev
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dmjax import distributed, train
+from dmjax import distributed, errors, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.",
                                           lock_config=True)
@@ -33,8 +33,9 @@ def main(argv):
   logging.info("Config:\n%s", _CONFIG.value)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, OSError, train.NonFiniteLossError) as e:
-    # Bad input and diverged runs are the user's to fix: one line, not a traceback.
+  except (errors.UserError, FileNotFoundError, train.NonFiniteLossError) as e:
+    # Bad settings or files and diverged runs are the user's to fix: one line, not a traceback.
+    # Anything else is a bug, and keeps its traceback.
     logging.debug("Traceback:", exc_info=True)
     raise SystemExit(f"error: {e}") from None
 

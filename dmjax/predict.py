@@ -15,9 +15,11 @@ the one `--bg`. For each composite NAME this writes, at the composite's own size
   NAME_overlay.png      with --overlay: bg | fg_bg | the mask over fg_bg | depth, side by side
 
 Any size and any format PIL reads (grayscale, RGBA and 16-bit images become RGB; EXIF rotation
-is applied). `--fit=resize` (default) resizes each pair to the run's square resolution, as in
-training, and the outputs back; `--fit=pad` runs the fully convolutional model at the image's
-own size, padded to a multiple of 16. Existing outputs are never replaced without `--overwrite`.
+is applied). `--fit=auto` (default) predicts at the photo's own size: the model at a working
+size where objects look as in training, then the run's refiner in 2x steps up to the photo
+(`Predictor`); `--fit=resize` squeezes each pair to the run's square resolution and the outputs
+back; `--fit=pad` runs the fully convolutional model at the image's own size, padded.
+Existing outputs are never replaced without `--overwrite`.
 Bad input (an unreadable file, sizes that differ, a missing partner, an existing output) is
 reported on one line naming the file; in folders the rest still runs, and the exit status is 1.
 
@@ -43,11 +45,11 @@ import jax
 import numpy as np
 from PIL import Image, ImageOps
 
-from dmjax import checkpoints, models, visualize
+from dmjax import checkpoints, errors, models, visualize
 from dmjax.data import schema
+from dmjax.models import layers, refiner
 
-FITS = ("resize", "pad")
-MULTIPLE = 16  # The models halve the resolution four times.
+FITS = ("auto", "resize", "pad")
 OUTPUT_KINDS = ("mask", "depth", "depth_color")
 
 
@@ -62,11 +64,11 @@ def as_uint8_rgb(image: np.ndarray, what: str = "image") -> np.ndarray:
   if image.ndim == 2:
     image = image[..., None]
   if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-    raise ValueError(f"{what}: expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) image, "
-                     f"got shape {image.shape}")
+    raise errors.UserError(f"{what}: expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) image, "
+                           f"got shape {image.shape}")
   if image.dtype != np.uint8:
     if not np.issubdtype(image.dtype, np.floating):
-      raise ValueError(f"{what}: expected uint8 or float in [0, 1], got {image.dtype}")
+      raise errors.UserError(f"{what}: expected uint8 or float in [0, 1], got {image.dtype}")
     # The model was trained on 8-bit photos; rounding to them loses nothing it could use.
     image = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
   if image.shape[-1] == 1:
@@ -88,40 +90,54 @@ def _resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   return np.clip(resized, 0.0, 1.0)
 
 
-def _pad_to_multiple(image: np.ndarray) -> np.ndarray:
+def _pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
   height, width = image.shape[:2]
-  pad_height, pad_width = -height % MULTIPLE, -width % MULTIPLE
+  pad_height, pad_width = -height % multiple, -width % multiple
   # Repeated edge pixels, so the padding adds no edge the model could mistake for an object.
   return np.pad(image, ((0, pad_height), (0, pad_width), (0, 0)), mode="edge")
 
 
 @dataclasses.dataclass
 class Predictor:
-  """A trained model that predicts at any image size: `Predictor.from_workdir(workdir)`."""
+  """A trained model that predicts at any image size: `Predictor.from_workdir(workdir)`.
+
+  `fit` is how a photo meets the model:
+    auto    (default) at the photo's own size: the model at a working size where objects look
+            as in training, then (for a refined model) the refiner in 2x steps up to the photo's
+            size (`dmjax.models.refiner.Cascade`; depth from the model at its own working
+            size); sharp edges at any size, bounded memory.
+    resize  squeezed to the run's square training resolution, outputs resized back.
+    pad     the whole model at the photo's own size, padded to the size multiple it needs.
+  """
 
   model: Any
   variables: Any
   resolution: int
   step: int = 0
-  fit: str = "resize"
+  fit: str = "auto"
   batch_size: int = 8
+  config: Any = None  # The run's config, when it came from a workdir.
 
   def __post_init__(self):
     if self.fit not in FITS:
-      raise ValueError(f"fit={self.fit!r}: expected one of {FITS}")
+      raise errors.UserError(f"fit={self.fit!r}: expected one of {FITS}")
     if self.batch_size < 1:
-      raise ValueError(f"batch_size={self.batch_size}: expected at least 1")
+      raise errors.UserError(f"batch_size={self.batch_size}: expected at least 1")
     self.variables = jax.device_put(self.variables)
     self._forward = jax.jit(functools.partial(models.predict_probabilities, self.model))
+    refined = isinstance(self.model, refiner.Refined)
+    self._multiple = layers.SIZE_MULTIPLE * (refiner.REFINE_FACTOR if refined else 1)
+    base_resolution = self.resolution // refiner.REFINE_FACTOR if refined else self.resolution
+    self._cascade = refiner.Cascade(self.model, self.variables, base_resolution)
 
   @classmethod
-  def from_workdir(cls, workdir: str, *, step: int | None = None, fit: str = "resize",
+  def from_workdir(cls, workdir: str, *, step: int | None = None, fit: str = "auto",
                    batch_size: int = 8) -> Predictor:
     """The latest (or `step`) checkpoint of a training run, with the model its config names."""
     config, variables, step = checkpoints.restore_model(workdir, step)
     return cls(model=models.create_model(config.model), variables=variables,
                resolution=int(config.data.resolution), step=step, fit=fit,
-               batch_size=batch_size)
+               batch_size=batch_size, config=config)
 
   def __call__(self, bg: np.ndarray, fg_bg: np.ndarray) -> Prediction:
     """Mask probability and depth for one pair (H, W[, C]) or a batch (B, H, W, C)."""
@@ -129,8 +145,8 @@ class Predictor:
     single = bg.ndim < 4
     bgs, fg_bgs = (bg[None], fg_bg[None]) if single else (bg, fg_bg)
     if len(bgs) != len(fg_bgs) or (bg.ndim == 4) != (fg_bg.ndim == 4):
-      raise ValueError(f"bg has shape {bg.shape} but fg_bg {fg_bg.shape}: give one pair or two "
-                       "batches of the same length")
+      raise errors.UserError(f"bg has shape {bg.shape} but fg_bg {fg_bg.shape}: give one pair or "
+                             "two batches of the same length")
     results = self.predict_pairs(list(zip(bgs, fg_bgs, strict=True)))
     mask = np.stack([r.mask for r in results])
     depth = np.stack([r.depth for r in results])
@@ -142,8 +158,8 @@ class Predictor:
     for index, (bg, fg_bg) in enumerate(pairs):
       bg, fg_bg = as_uint8_rgb(bg, f"bg {index}"), as_uint8_rgb(fg_bg, f"fg_bg {index}")
       if bg.shape != fg_bg.shape:
-        raise ValueError(f"pair {index}: bg is {_size(bg)} but fg_bg is {_size(fg_bg)}; a pair "
-                         "must be the same size")
+        raise errors.UserError(f"pair {index}: bg is {_size(bg)} but fg_bg is {_size(fg_bg)}; a "
+                               "pair must be the same size")
       inputs.append(self._model_input(bg, fg_bg))
     outputs: list[Prediction | None] = [None] * len(inputs)
     # Equal shapes share a batch (and one compiled program); in "resize" mode all are equal.
@@ -164,8 +180,8 @@ class Predictor:
     if self.fit == "resize":
       size = (self.resolution, self.resolution)
       bg, fg_bg = _resize_photo(bg, size), _resize_photo(fg_bg, size)
-    else:
-      bg, fg_bg = _pad_to_multiple(bg), _pad_to_multiple(fg_bg)
+    elif self.fit == "pad":
+      bg, fg_bg = _pad_to_multiple(bg, self._multiple), _pad_to_multiple(fg_bg, self._multiple)
     return schema.normalize_photo(bg, "bg"), schema.normalize_photo(fg_bg, "fg_bg")
 
   def _run(self, inputs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -173,12 +189,14 @@ class Predictor:
     padded = inputs + [inputs[-1]] * (self.batch_size - len(inputs))
     bg = np.stack([b for b, _ in padded])
     fg_bg = np.stack([f for _, f in padded])
-    mask, depth = jax.device_get(self._forward(self.variables, bg, fg_bg))
+    forward = self._cascade if self.fit == "auto" else functools.partial(self._forward,
+                                                                         self.variables)
+    mask, depth = jax.device_get(forward(bg, fg_bg))
     return mask[:len(inputs), ..., 0], depth[:len(inputs), ..., 0]
 
   def _to_input_size(self, values: np.ndarray, height: int, width: int) -> np.ndarray:
     values = np.asarray(values, np.float32)
-    if self.fit == "pad":
+    if self.fit != "resize":
       return values[:height, :width]
     return _resize_map(values, (width, height))
 
@@ -203,7 +221,7 @@ def read_image(path: str) -> np.ndarray:
         return as_uint8_rgb(values.astype(np.float32), path)
       return np.asarray(image.convert("RGB"))
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise ValueError(f"{path}: cannot read it as an image ({e})") from None
+    raise errors.UserError(f"{path}: cannot read it as an image ({e})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +246,7 @@ def list_images(folder: str) -> list[str]:
            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions
            and os.path.isfile(os.path.join(folder, name))]
   if not paths:
-    raise ValueError(f"{folder}: no images in this folder")
+    raise errors.UserError(f"{folder}: no images in this folder")
   return paths
 
 
@@ -239,12 +257,12 @@ def find_jobs(*, bg: str | None, fg_bg: str | None, bg_dir: str | None,
   Raises ValueError for combinations that make no sense and for an empty folder.
   """
   if (fg_bg is None) == (fg_bg_dir is None):
-    raise ValueError("give exactly one of --fg_bg (a composite) and --fg_bg_dir (a folder)")
+    raise errors.UserError("give exactly one of --fg_bg (a composite) and --fg_bg_dir (a folder)")
   if (bg is None) == (bg_dir is None):
-    raise ValueError("give exactly one of --bg (one background) and --bg_dir (a folder)")
+    raise errors.UserError("give exactly one of --bg (one background) and --bg_dir (a folder)")
   if fg_bg is not None:
     if bg_dir is not None:
-      raise ValueError("--bg_dir pairs folders; with one --fg_bg give its --bg")
+      raise errors.UserError("--bg_dir pairs folders; with one --fg_bg give its --bg")
     return [Job(_stem(fg_bg), bg, fg_bg)], []
 
   composites = list_images(fg_bg_dir)
@@ -286,11 +304,11 @@ def load_job(job: Job, paths: dict[str, str], *,
   if not overwrite:
     for path in paths.values():
       if os.path.exists(path):
-        raise FileExistsError(f"{path}: exists; pass --overwrite to replace it")
+        raise errors.UserError(f"{path}: exists; pass --overwrite to replace it")
   bg, fg_bg = read_image(job.bg), read_image(job.fg_bg)
   if bg.shape != fg_bg.shape:
-    raise ValueError(f"{job.fg_bg}: is {_size(fg_bg)} but its background {job.bg} is "
-                     f"{_size(bg)}; a pair must be the same size")
+    raise errors.UserError(f"{job.fg_bg}: is {_size(fg_bg)} but its background {job.bg} is "
+                           f"{_size(bg)}; a pair must be the same size")
   return bg, fg_bg
 
 
@@ -341,7 +359,7 @@ def predict_jobs(predictor: Predictor, jobs: Sequence[Job], out_dir: str, *, ove
       paths = output_paths(out_dir, job.name, overlay)
       try:
         loaded.append((paths, *load_job(job, paths, overwrite=overwrite)))
-      except (ValueError, OSError) as e:
+      except (errors.UserError, OSError) as e:  # This pair's files: unreadable, exist, mismatch.
         report(str(e))
         failures += 1
     if loaded:
@@ -380,8 +398,9 @@ def parse_args(argv: Iterable[str]) -> argparse.Namespace:
   parser.add_argument("--out", required=True, help="Where the outputs go (created if needed).")
   parser.add_argument("--overlay", action="store_true", help="Also write NAME_overlay.png.")
   parser.add_argument("--overwrite", action="store_true", help="Replace existing outputs.")
-  parser.add_argument("--fit", choices=FITS, default="resize",
-                      help="Resize to the run's resolution, or pad to a multiple of 16.")
+  parser.add_argument("--fit", choices=FITS, default="auto",
+                      help="auto: at the photo's own size, refined in 2x steps (default); resize: "
+                           "squeezed to the run's resolution; pad: the model at the photo's size.")
   parser.add_argument("--batch_size", type=int, default=8, help="Pairs per model call.")
   return parser.parse_args(list(argv))
 
@@ -410,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           predictor, jobs, args.out, overwrite=args.overwrite, overlay=args.overlay,
           report=report if folder_mode else _raise,
           progress=_progress_printer(sys.stderr) if folder_mode else None)
-  except (ValueError, OSError) as e:
+  except (errors.UserError, FileNotFoundError) as e:  # The user's to fix; bugs keep tracebacks.
     raise SystemExit(f"error: {e}") from None
   if failures:
     total = len(jobs) + len(problems)
@@ -419,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _raise(message: str) -> None:
-  raise ValueError(message)
+  raise errors.UserError(message)
 
 
 if __name__ == "__main__":

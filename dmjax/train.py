@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import os
-import signal
 import time
 from typing import Any
 
@@ -25,7 +24,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from dmjax import checkpoints, evaluation, losses, models, visualize
+from dmjax import checkpoints, errors, evaluation, losses, models, preemption, summaries, visualize
+from dmjax import config as config_lib
 from dmjax.data import augment, device_augment, pipeline
 
 
@@ -57,8 +57,16 @@ def create_learning_rate_schedule(opt: ml_collections.ConfigDict,
       return optax.constant_schedule(opt.learning_rate)
     return optax.exponential_decay(opt.learning_rate, transition_steps=opt.step_every,
                                    decay_rate=opt.step_factor, staircase=True)
-  raise ValueError(f"config.optimizer.schedule={opt.schedule!r}: expected 'cosine' or 'step'")
-
+  if opt.schedule == "one_cycle":
+    # PyTorch's OneCycleLR(pct_start=0.5, anneal_strategy='linear', final_div_factor=1) as seed
+    # 003 stepped it every batch: linear up until step 0.5·T - 1, then linear back down at T - 1.
+    low, peak = opt.learning_rate * opt.one_cycle_start, opt.learning_rate
+    turn = max(0.5 * num_train_steps - 1, 1.0)
+    return optax.join_schedules(
+        [optax.linear_schedule(low, peak, turn),
+         optax.linear_schedule(peak, low, max(num_train_steps - 1 - turn, 1.0))], [turn])
+  raise errors.UserError(f"config.optimizer.schedule={opt.schedule!r}: expected 'cosine', 'step' "
+                         "or 'one_cycle'")
 
 def _is_kernel(params):
   # Decay convolution kernels only: decaying BatchNorm scales and biases only fights the norm.
@@ -75,7 +83,7 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
     base = optax.chain(optax.add_decayed_weights(opt.weight_decay),
                        optax.sgd(schedule, momentum=opt.momentum))
   else:
-    raise ValueError(f"config.optimizer.name={opt.name!r}: expected 'adamw' or 'sgd'")
+    raise errors.UserError(f"config.optimizer.name={opt.name!r}: expected 'adamw' or 'sgd'")
   if opt.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), base)
   return base
@@ -83,7 +91,7 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
 
 def initial_variables(model, rng: jax.Array, resolution: int):
   if resolution % 16:
-    raise ValueError(f"config.data.resolution={resolution}: must be divisible by 16")
+    raise errors.UserError(f"config.data.resolution={resolution}: must be divisible by 16")
   images = jnp.zeros((1, resolution, resolution, 3), jnp.float32)
   return model.init(rng, images, images, train=False)
 
@@ -108,7 +116,8 @@ def train_step(state: TrainState, batch, *, model, tx, loss_config, preprocess=N
   def loss_fn(params):
     outputs, updates = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, batch["bg"], batch["fg_bg"],
-        train=True, mutable=["batch_stats"])
+        train=True, mutable=["batch_stats"],
+        **models.train_inputs(model, batch, state.rng, state.step))
     total, terms = losses.compute_losses(outputs, batch, loss_config)
     return total, (dict(terms, total=total), updates["batch_stats"])
 
@@ -152,8 +161,8 @@ def load_previous_stage(state: TrainState, config) -> TrainState:
   """Starts from another run's final parameters (progressive resizing), with a fresh optimizer."""
   previous_config, variables, step = checkpoints.restore_model(config.init_from)
   if previous_config.model.name != config.model.name:
-    raise ValueError(f"config.init_from={config.init_from!r} trained {previous_config.model.name}"
-                     f", not {config.model.name}")
+    raise errors.UserError(f"config.init_from={config.init_from!r} trained "
+                           f"{previous_config.model.name}, not {config.model.name}")
   checkpoints.check_compatible(variables, state.variables, what=f"init_from {config.init_from}")
   logging.info("Starting from %s, step %d.", config.init_from, step)
   return state.replace(params=jax.device_put(variables["params"]),
@@ -203,22 +212,6 @@ class _FrozenIterator:
     return self._state
 
 
-class _StopRequest:
-  """Turns SIGTERM (what clusters send before pre-emption) into a save-and-exit at a step end."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint at the end of this step, then exiting.")
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
-
-
 def warn_about_config_changes(saved: ml_collections.ConfigDict,
                               config: ml_collections.ConfigDict) -> None:
   """Resuming with other settings is allowed (say, more steps), but should not go unnoticed."""
@@ -251,6 +244,11 @@ def write_examples(writer, step: int, variables, eval_batch, model, num: int = 6
   writer.write_images(step, {"examples": grid[None]})
 
 
+def is_due(step: int, every: int) -> bool:
+  """Whether a periodic action runs at `step`; every 0 steps means never."""
+  return every > 0 and step % every == 0
+
+
 def format_duration(seconds: float) -> str:
   seconds = int(seconds)
   return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
@@ -258,16 +256,20 @@ def format_duration(seconds: float) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict:
   """Trains (resuming from the workdir's latest checkpoint) and returns the final metrics."""
-  # CLU's writers import TensorFlow; the rest of this module (the step) must run without it.
-  from clu import metric_writers, periodic_actions  # noqa: PLC0415
+  config_lib.validate(config)
+  # CLU's writers and periodic actions, with or without TensorFlow (dmjax.summaries).
+  summaries.metric_writers()
+  from clu import periodic_actions  # noqa: PLC0415
 
   os.makedirs(workdir, exist_ok=True)
   is_chief = jax.process_index() == 0
-  writer = writer or metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-  if config.batch_size % jax.device_count():
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
-                     f"{jax.device_count()} devices")
+  writer = writer or summaries.create_default_writer(workdir, just_logging=not is_chief)
 
+  manager = checkpoints.create_manager(
+      workdir, keep=config.keep_checkpoints, save_every=config.checkpoint_every_steps,
+      save_on_steps=(config.num_train_steps,))
+  latest = manager.latest_step()
+  stop = preemption.StopSignal(manager, latest or 0)
   pipeline.prepare(config)
   mesh = evaluation.create_mesh()
   model = models.create_model(config.model)
@@ -275,16 +277,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
   state = jax.device_put(create_train_state(config, model, tx, jax.random.PRNGKey(config.seed)),
                          evaluation.replicated(mesh))
   train_iter = pipeline.create_train_iterator(config)
-  manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints)
 
-  latest = manager.latest_step()
   if latest is not None:
     model_item, train_item, data_restored = checkpoints.restore(
         manager, latest, model=state.variables, train=split_state(state)[1],
         data_iterator=train_iter, sharding=evaluation.replicated(mesh))
     state = join_state(model_item, train_item)
     warn_about_config_changes(checkpoints.restore_config(manager, latest), config)
-    if not data_restored:  # Written by another number of processes: one batch per step.
+    if not data_restored:
+      # Written by another number of processes (or does not say). Local batch k of every process
+      # is its share of global batch k whatever their number, so the stream continues with the
+      # same examples.
+      saved_by = checkpoints.saved_process_count(manager, latest)
+      logging.info("The checkpoint was saved by a run of %s process(es), this one has %d: "
+                   "continuing the data at global batch %d.",
+                   "an unrecorded number of" if saved_by is None else saved_by,
+                   jax.process_count(), latest)
       train_iter.seek(latest)
     logging.info("Resumed from %s at step %d.", manager.directory, latest)
   elif config.init_from:
@@ -314,10 +322,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
                                            writer=writer)] if is_chief else []
   if config.profile and is_chief:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
-  stop = _StopRequest()
   history: list[tuple[int, Any]] = []
   window_start, window_step = time.time(), initial_step
   started = time.time()
+  stop.listen()
   try:
     for step in range(initial_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -327,8 +335,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
         hook(step)
 
       last = step == config.num_train_steps
-      should_save = last or stop.requested or step % config.checkpoint_every_steps == 0
-      if should_save or step % config.log_every_steps == 0:
+      # One decision per step, taken before its host work: a signal that arrives during that
+      # work is the next step's business, never half-acted on here. Every process asks at every
+      # step (see dmjax.preemption).
+      stopping = stop.reached(step)
+      should_save = stopping or manager.should_save(step)
+      if should_save or is_due(step, config.log_every_steps):
         history = [(s, {k: float(v) for k, v in jax.device_get(t).items()}) for s, t in history]
         check_finite(history)
         elapsed = time.time() - window_start
@@ -343,19 +355,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
                      config.num_train_steps, scalars["train/total"], rate,
                      rate * config.batch_size, format_duration(eta))
         history, window_start, window_step = [], time.time(), step
-      if step % config.eval_every_steps == 0 and not last:
+      if is_due(step, config.eval_every_steps) and not last and not stopping:
         run_eval(step, config.data.num_eval_examples)
       if should_save:
         model_item, train_item = split_state(state)
+        # Forced only for a single process's own SIGTERM, which orbax's policy does not see.
         checkpoints.save(manager, step, model=model_item, train=train_item, config=config,
-                         data_iterator=_FrozenIterator(train_batches))
-      if stop.requested:
+                         data_iterator=_FrozenIterator(train_batches), force=stopping)
+      if stopping:
         manager.wait_until_finished()
         logging.warning("Saved step %d after SIGTERM; re-run the same command to resume.", step)
         writer.flush()
         return {}
   finally:
-    stop.restore()
+    stop.close()
     train_iter.close()  # Its worker processes, if any, are not needed for evaluation.
     manager.wait_until_finished()
 

@@ -71,7 +71,9 @@ def main() -> int:
         print(f"launch/local.py: process {p.pid} exited with {code}; stopping the others",
               file=sys.stderr)
         for other in processes:
-          other.terminate()
+          # Not SIGTERM: that asks the processes to agree on a step and save it together, which
+          # a run that has lost one cannot do.
+          other.kill()
     time.sleep(0.2)
   return status
 

@@ -5,6 +5,10 @@ before changing anything.
 """
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -117,6 +121,73 @@ def one_device_run(tiny_data_config, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("one_device"))
   train.train_and_evaluate(config, workdir)
   return config, workdir
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_config(directory, config) -> str:
+  """A config file for `dmjax.main` in `directory` (a pathlib.Path) that returns `config`."""
+  (directory / "config.json").write_text(config.to_json())
+  path = directory / "config.py"
+  path.write_text(
+      "import json, ml_collections\n"
+      "def get_config():\n"
+      f"  return ml_collections.ConfigDict(json.loads(open({str(directory / 'config.json')!r})"
+      ".read()))\n")
+  return str(path)
+
+
+def main_command(config_path, workdir, *extra):
+  return [sys.executable, "-m", "dmjax.main", f"--config={config_path}", f"--workdir={workdir}",
+          *extra]
+
+
+def cpu_env(devices: int, **variables) -> dict:
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **variables)
+
+
+def run_group(command, timeout=600, **kwargs) -> tuple[int, str]:
+  """Runs `command` in its own process group; (exit status, stderr). A process stuck in a
+  collective that its peer never joins would hang the suite, so past `timeout` the whole group
+  (the launcher's children too) is killed and the test fails."""
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+  try:
+    _, stderr = process.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    os.killpg(process.pid, signal.SIGKILL)
+    _, stderr = process.communicate()
+    pytest.fail(f"{command[1:3]} did not finish in {timeout} s: {stderr[-3000:]}")
+  return process.returncode, stderr
+
+
+def start_processes(command, num_processes: int, log_dir, devices: int = 2, **env_variables):
+  """Starts `command` as the processes of one jax.distributed run on localhost, as
+  launch/local.py does, `devices` CPU devices each; process i logs to log_dir/process{i}.log
+  (a file: an unread pipe fills up and blocks the writer). Returns their Popen objects; the
+  caller must kill what is still running when it is done (`kill_all`)."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  processes = []
+  for index in range(num_processes):
+    env = cpu_env(devices, DMJAX_DISTRIBUTED="1", DMJAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                  DMJAX_NUM_PROCESSES=str(num_processes), DMJAX_PROCESS_ID=str(index),
+                  **env_variables)
+    with open(log_dir / f"process{index}.log", "w") as log:
+      processes.append(subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                        stderr=log, start_new_session=True))
+  return processes
+
+
+def kill_all(processes) -> None:
+  """SIGKILL to the process groups of those still running (their grain workers too)."""
+  for process in processes:
+    if process.poll() is None:
+      os.killpg(process.pid, signal.SIGKILL)
+      process.wait()
 
 
 def relative_update_difference(config, first, second) -> float:

@@ -21,8 +21,19 @@ def load_config(name: str, arg: str | None = None):
 @pytest.mark.parametrize("arg", [None, "data=seed,recipe=seed,schedule=full"])
 def test_every_stage_and_variant_loads(name, arg):
   config = load_config(name, arg)
-  assert config.data.resolution == int(name[1:])
+  # The default recipe refines: the stage's model sees half of the refined model's input.
+  assert config.model.refiner == (arg is None)
+  assert config.data.resolution == int(name[1:]) * (2 if config.model.refiner else 1)
   assert config.batch_size > 0 and config.num_train_steps > 0
+
+
+def test_refiner_off_is_the_previous_default():
+  config = load_config("r64", "refiner=off")
+  assert not config.model.refiner
+  assert (config.data.resolution, config.data.synthetic.resolution) == (64, 80)
+  assert (config.batch_size, config.num_train_steps) == (32, 2400)
+  with pytest.raises(ValueError, match="refiner"):
+    load_config("r64", "refiner=maybe")
 
 
 def test_the_seed_recipe_is_the_seeds():
@@ -55,9 +66,126 @@ def test_bad_arguments_are_refused_naming_them(arg):
 def test_stages_feed_the_step_on_device_and_gpu_stages_compute_in_bfloat16():
   for name in ("r64", "r112", "r192"):
     cpu, full = load_config(name), load_config(name, "schedule=full")
-    assert cpu.data.on_device and cpu.data.predecoded and cpu.model.dtype == "float32"
+    assert cpu.data.on_device and cpu.model.dtype == "float32"
     assert full.data.on_device and full.model.dtype == "bfloat16"
-    assert full.data.transfer_resolution == cpu.data.synthetic.resolution
+    # Sent at the CPU stage's rendered size, up to the 240 px the seed-sized sets are rendered at.
+    assert full.data.transfer_resolution == min(cpu.data.synthetic.resolution, 240)
+  # Predecoded where it fits 4 GB: 12,000 examples at 160 px do, at 280 and 480 px they do not.
+  assert [load_config(name).data.predecoded for name in ("r64", "r112", "r192")] == [
+      True, False, False]
   assert load_config("r64", "schedule=full").data.predecoded  # 16 GB; larger stages are not.
   assert not load_config("r192", "schedule=full").data.predecoded
   assert load_config("r64", "schedule=full,recipe=seed").model.dtype == "float32"
+
+
+def test_every_stage_and_variant_is_valid():
+  for name in ("r64", "r112", "r192"):
+    for arg in (None, "schedule=full", "recipe=seed", "data=seed,recipe=seed,schedule=full"):
+      config_lib.validate(load_config(name, arg), device_count=8)
+
+
+def test_a_short_full_schedule_is_valid_and_its_zero_intervals_mean_never():
+  from dmjax import train
+
+  config = load_config("r64", "schedule=full,recipe=seed")
+  config.num_train_steps = 10  # Under 20 steps every derived interval but evaluation's is 0.
+  assert (config.checkpoint_every_steps, config.optimizer.step_every) == (0, 3)
+  config.num_train_steps = 2
+  assert (config.eval_every_steps, config.optimizer.step_every) == (0, 0)
+  config_lib.validate(config, device_count=1)
+  assert not any(train.is_due(step, 0) for step in range(10))
+  assert [step for step in range(1, 10) if train.is_due(step, 4)] == [4, 8]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("checkpoint_every_steps", -1, "a whole number of steps, 0 for never"),
+    ("eval_every_steps", -100, "a whole number of steps, 0 for never"),
+    ("optimizer.step_every", -3, "a whole number of steps, 0 for never"),
+    ("num_train_steps", 0, "a positive number of steps"),
+    ("eval_batch_size", 6, "a positive multiple of the 4 devices"),
+    ("batch_size", 2, "a positive multiple of the 4 devices"),
+    ("data.resolution", 40, "a positive multiple of 16"),
+    ("data.num_eval_examples", 0, "or -1 for all"),
+    ("keep_checkpoints", 0, "at least 1"),
+    ("loss.ssim_window", 4, "an odd window of at most data.resolution=64"),
+    ("loss.ssim_form", "kornia", "expected one of"),
+])
+def test_bad_settings_are_one_line_errors_naming_the_key(key, value, message):
+  from dmjax import errors
+
+  config = config_lib.base_config()  # 64 px, batches of 32 and 64.
+  *parents, last = key.split(".")
+  section = config
+  for part in parents:
+    section = section[part]
+  section[last] = value
+  with pytest.raises(errors.UserError) as caught:
+    config_lib.validate(config, device_count=4)
+  assert str(caught.value).startswith(f"config.{key}={value!r}: ")
+  assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_seed_recipe_uses_the_seeds_ssim():
+  config = load_config("r64", "recipe=seed")
+  assert (config.loss.ssim_window, config.loss.ssim_form) == (3, "kornia2020")
+  assert load_config("r64").loss.ssim_form == "reference"
+
+
+def test_each_models_own_recipe():
+  unet = load_config("r64", "model=unet_dual,recipe=seed")  # MODELS.md §1.6–1.8.
+  assert (unet.model.name, unet.model.input_norm, unet.model.decoder_activation) == (
+      "unet_dual", "unit", "leaky_relu")
+  assert (unet.optimizer.name, unet.optimizer.learning_rate, unet.optimizer.weight_decay,
+          unet.optimizer.schedule, unet.optimizer.step_every) == ("adamw", 1e-3, 0.0, "step", 0)
+  u2net = load_config("r64", "model=u2netp_dual,recipe=seed")  # §2.5–2.6.
+  assert (u2net.model.input_norm, u2net.optimizer.schedule, u2net.optimizer.learning_rate) == (
+      "image_max", "one_cycle", 1e-2)
+  two = load_config("r64", "model=two_stage,recipe=seed")  # §3.3.
+  assert two.model.teacher_forcing_steps == two.num_train_steps // 4
+  assert two.data.augment.enabled and not unet.data.augment.enabled
+  weights = lambda c: {k for k in ("mask_bce", "mask_dice", "mask_iou", "depth_l1", "depth_ssim",
+                                   "depth_edge", "depth_sobel_edge", "depth_bce_dice",
+                                   "depth_bce", "depth_hu", "side_bce") if c.loss[k] > 0}
+  assert weights(unet) == {"mask_bce", "mask_iou", "depth_l1", "depth_ssim", "depth_sobel_edge"}
+  assert weights(u2net) == {"mask_bce", "depth_bce", "side_bce"}
+  assert weights(two) == {"mask_bce", "mask_dice", "depth_hu"}
+  # Without model=, recipe=seed is seed 002's, as before; with it, the default recipe applies.
+  assert load_config("r64", "recipe=seed").model.name == "depthmasknet"
+  default = load_config("r64", "model=u2netp_dual")
+  assert (default.model.name, default.optimizer.schedule, default.loss.side_bce) == (
+      "u2netp_dual", "cosine", 0.0)
+
+
+@pytest.mark.parametrize(("arg", "message"), [
+    ("model=resnet", "model='resnet'"),
+    ("model=depthmasknet_v2,recipe=seed", "depthmasknet_v2 has no recipe of its own"),
+])
+def test_bad_models_are_refused(arg, message):
+  with pytest.raises(ValueError, match=message):
+    config_lib.stage_config(64, arg)
+
+
+def test_one_cycle_schedule_is_seed_003s():
+  from dmjax import train  # noqa: PLC0415
+
+  optimizer = load_config("r64", "model=u2netp_dual,recipe=seed").optimizer
+  # The 64 px stage: 10 epochs of 4,375 steps. The notebook printed 0.0028000823 at the start
+  # of epoch 2 (MODELS.md §2.6); the peak 0.01 falls at step 0.5·T - 1, 0.001 at both ends.
+  schedule = train.create_learning_rate_schedule(optimizer, 43_750)
+  assert float(schedule(4_375)) == pytest.approx(0.0028000823, rel=1e-6)
+  assert [float(schedule(k)) for k in (0, 21_874, 43_749)] == pytest.approx([1e-3, 1e-2, 1e-3])
+
+
+def test_main_refuses_a_bad_setting_in_one_line_before_writing_anything(tmp_path):
+  import subprocess
+  import sys
+
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "dmjax.main", "--config=configs/r64.py",
+       "--config.data.resolution=40", f"--workdir={workdir}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: config.data.resolution=40: expected a positive multiple of 16")
+  assert not workdir.exists()

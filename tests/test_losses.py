@@ -164,6 +164,49 @@ def test_window_3_ssim_matches_numpy_loops():
                                                             3), atol=1e-5)
 
 
+def np_kornia2020_ssim_loss(pred, target, window=3):
+  """kornia.losses.SSIM(window) as installed in 2020 (SPEC §3): each image reflect-padded by
+  window // 2 (numpy's "reflect"), SSIM at every pixel, mean(clip(1 - SSIM, 0, 1) / 2)."""
+  per_image = []
+  for a, b in zip(np.float64(pred[..., 0]), np.float64(target[..., 0]), strict=True):
+    ssim = np_ssim_map(np.pad(a, window // 2, mode="reflect"),
+                       np.pad(b, window // 2, mode="reflect"), window)
+    assert ssim.shape == a.shape
+    per_image.append(np.mean(np.clip(1 - ssim, 0, 1) / 2))
+  return np.mean(per_image)
+
+
+@pytest.mark.parametrize("anti_correlated", [False, True])
+def test_kornia2020_ssim_matches_numpy_and_differs_from_the_reference(anti_correlated):
+  _, batch = random_inputs(seed=6, batch_size=2, size=12)
+  target = batch["depth"]
+  noise = 0.2 * np.random.default_rng(7).normal(size=target.shape)
+  # Anti-correlated: SSIM < 0 in places, where the two forms' clips differ most.
+  pred = np.clip((1 - target if anti_correlated else target) + noise, 0, 1).astype(np.float32)
+  loss = jax.jit(losses.ssim_loss, static_argnames=("window", "form"))
+  kornia = loss(pred, target, jnp.ones(2), window=3, form="kornia2020")
+  np.testing.assert_allclose(kornia, np_kornia2020_ssim_loss(pred, target), rtol=1e-5, atol=1e-6)
+  reference = loss(pred, target, jnp.ones(2), window=3, form="reference")
+  expected_reference = ssim_loss_from_maps(
+      [np_ssim_map(p, t, 3) for p, t in zip(np.float64(pred[..., 0]), target[..., 0],
+                                            strict=True)])
+  np.testing.assert_allclose(reference, expected_reference, rtol=1e-5, atol=1e-6)
+  assert abs(float(kornia) - float(reference)) > 1e-3  # Border pixels and clipping differ.
+
+
+def test_kornia2020_ssim_through_compute_losses_has_finite_gradients():
+  outputs, batch = random_inputs(batch_size=2, size=16)
+  cfg = loss_config(ssim_window=3, ssim_form="kornia2020")
+  (total, terms), grads = jax.jit(jax.value_and_grad(
+      lambda o: losses.compute_losses(o, batch, cfg), has_aux=True))(outputs)
+  np.testing.assert_allclose(
+      terms["depth_ssim"],
+      np_kornia2020_ssim_loss(np_sigmoid(outputs["depth"]), batch["depth"]), rtol=1e-5)
+  assert np.isfinite(total) and all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  with pytest.raises(ValueError, match="config.loss.ssim_form='kornia'"):
+    losses.compute_losses(outputs, batch, loss_config(ssim_form="kornia"))
+
+
 def test_zero_weight_terms_are_skipped():
   outputs, batch = random_inputs(batch_size=2, size=16)
   cfg = loss_config(depth_ssim=0.0, depth_bce_dice=0.0, mask_dice=0.0)
@@ -248,3 +291,63 @@ def test_gradients_finite_on_degenerate_inputs():
   grads = jax.jit(jax.grad(lambda o: losses.compute_losses(o, zeros, cfg)[0]))(
       {"mask": np.full(shape, -5.0, np.float32), "depth": np.zeros(shape, np.float32)})
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+# The other seeds' terms (MODELS.md §1.6, §2.5, §3.3).
+SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], np.float64)
+
+
+def np_sobel(image, mode, normalized):
+  """Cross-correlation of a 2-D image with Sobel x and y after 1-pixel `mode` padding."""
+  padded = np.pad(np.float64(image), 1, mode=mode)
+  height, width = image.shape
+  gx, gy = np.zeros((height, width)), np.zeros((height, width))
+  for h in range(height):
+    for w in range(width):
+      window = padded[h:h + 3, w:w + 3]
+      gx[h, w], gy[h, w] = np.sum(window * SOBEL_X), np.sum(window * SOBEL_X.T)
+  scale = 1 / 8 if normalized else 1
+  return gx * scale, gy * scale
+
+
+def np_other_terms(outputs, batch):
+  mask_p, depth_p = np_sigmoid(outputs["mask"]), np_sigmoid(outputs["depth"])
+  mask_t, depth_t = np.float64(batch["mask"]), np.float64(batch["depth"])
+  intersection = np.sum(mask_p * mask_t)
+  union = np.sum(mask_p + mask_t) - intersection
+  sobel_edge, hu = [], []
+  for p, t in zip(depth_p[..., 0], depth_t[..., 0], strict=True):
+    (pgx, pgy), (tgx, tgy) = np_sobel(p, "edge", True), np_sobel(t, "edge", True)
+    sobel_edge.append(np.mean(np.abs(pgx - tgx) + np.abs(pgy - tgy)))
+    (pgx, pgy), (tgx, tgy) = np_sobel(p, "constant", False), np_sobel(t, "constant", False)
+    n_p = np.stack([-pgx, -pgy, np.ones_like(p)])
+    n_t = np.stack([-tgx, -tgy, np.ones_like(t)])
+    cosine = np.sum(n_p * n_t, 0) / np.linalg.norm(n_p, axis=0) / np.linalg.norm(n_t, axis=0)
+    hu.append(np.mean(np.log(np.abs(p - t) + 0.5)) + np.mean(np.log(np.abs(pgx - tgx) + 0.5))
+              + np.mean(np.log(np.abs(pgy - tgy) + 0.5)) + np.mean(np.abs(1 - cosine)))
+  side_bce = sum(np_bce(outputs[f"{task}_sides"][..., k], batch[task][..., 0])
+                 for task in ("mask", "depth") for k in range(6))
+  return {"mask_iou": 1 - (intersection + 1e-6) / (union + 1e-6),
+          "depth_bce": np_bce(outputs["depth"], depth_t), "depth_sobel_edge": np.mean(sobel_edge),
+          "depth_hu": np.mean(hu), "side_bce": side_bce}
+
+
+def test_other_seeds_terms_match_numpy():
+  outputs, batch = random_inputs(seed=5, size=9)
+  rng = np.random.default_rng(6)
+  for task in ("mask", "depth"):
+    outputs[f"{task}_sides"] = rng.normal(0, 2, (3, 9, 9, 6)).astype(np.float32)
+  cfg = {name: 0.0 for name in losses.TERM_NAMES} | {"dice_per_image": False, "ssim_window": 3}
+  expected = np_other_terms(outputs, batch)
+  cfg.update({name: 1.0 for name in expected})
+  total, terms = losses.compute_losses(outputs, batch, cfg)
+  assert set(terms) == set(expected)
+  for name, value in expected.items():
+    np.testing.assert_allclose(float(terms[name]), value, rtol=2e-5, err_msg=name)
+  np.testing.assert_allclose(float(total), sum(expected.values()), rtol=2e-5)
+
+
+def test_side_bce_needs_side_outputs():
+  outputs, batch = random_inputs()
+  with pytest.raises(ValueError, match=r"loss.side_bce > 0 needs a model with side outputs"):
+    losses.compute_losses(outputs, batch, loss_config(side_bce=1.0))

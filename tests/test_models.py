@@ -15,6 +15,8 @@ from dmjax.models import MODELS, create_model, depthmasknet, depthmasknet_v2, la
 SEED_PARAMS = 5_230_720
 SEED_BATCH_STATS = 3_968
 V2_MAX_PARAMS = 8_000_000
+V2_PARAMS = 524_168  # width 8, as its docstring says.
+V2_BATCH_STATS = 2_000
 NARROW_WIDTH = 4  # depthmasknet_v2 width for tests that run the model.
 
 
@@ -76,10 +78,10 @@ def test_seed_model_parts_have_the_original_sizes():
     assert _count(params[f"{task}_output"]) == 288
 
 
-def test_v2_fits_the_parameter_budget():
+def test_v2_has_its_documented_size_within_the_budget():
   variables = _abstract_variables(depthmasknet_v2.DepthMaskNetV2())
-  assert 0 < _count(variables["params"]) <= V2_MAX_PARAMS
-  assert _count(variables["batch_stats"]) > 0
+  assert _count(variables["params"]) == V2_PARAMS <= V2_MAX_PARAMS
+  assert _count(variables["batch_stats"]) == V2_BATCH_STATS
 
 
 def test_parameters_are_float32_even_for_bfloat16_compute():
@@ -98,13 +100,12 @@ def test_output_shapes(name, size, train):
     assert logits.dtype == jnp.float32
 
 
-def test_non_square_input_is_fine():
-  outputs = _abstract_outputs(depthmasknet_v2.DepthMaskNetV2(width=NARROW_WIDTH), 32, train=False)
-  assert outputs["mask"].shape == (2, 32, 32, 1)
-  model = depthmasknet.DepthMaskNet()
+@pytest.mark.parametrize("model", [depthmasknet_v2.DepthMaskNetV2(width=NARROW_WIDTH),
+                                   depthmasknet.DepthMaskNet()], ids=["v2", "seed"])
+def test_non_square_input_is_fine(model):
   bg = jnp.zeros((1, 32, 48, 3))
   outputs = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), bg, bg)[0])
-  assert outputs["depth"].shape == (1, 32, 48, 1)
+  assert outputs["mask"].shape == outputs["depth"].shape == (1, 32, 48, 1)
 
 
 @pytest.mark.parametrize("name", ["depthmasknet", "depthmasknet_v2"])

@@ -3,10 +3,13 @@ joint augmentation, checkpointing, sharding, evaluation padding, and reading wit
 
 import glob
 import json
+import multiprocessing
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 
 import grain
 import numpy as np
@@ -339,15 +342,35 @@ def test_on_device_state_round_trip_and_workers_unpickle_the_stream(tiny_data_co
   assert_same_batches([copy.map(k) for k in range(8)], [stream.map(k) for k in range(8)])
 
 
+def test_grain_workers_outlive_sigterm(tiny_data_config):
+  # Clusters send SIGTERM to every process of a job; the main process saves a checkpoint on it
+  # and needs its workers' batches until then (dmjax.preemption).
+  config = on_device(tiny_data_config, **{"data.num_workers": 1})
+  before = set(multiprocessing.active_children())
+  iterator = pipeline.create_train_iterator(config)
+  batches = take(iterator, 2)
+  workers = set(multiprocessing.active_children()) - before
+  assert workers
+  for worker in workers:
+    os.kill(worker.pid, signal.SIGTERM)
+  time.sleep(2)
+  batches += take(iterator, 10)  # More than the workers had ready.
+  iterator.close()
+  assert_same_batches(batches, take(pipeline.create_train_iterator(on_device(tiny_data_config)),
+                                    12))
+
+
 def test_predecoding_is_all_or_nothing_and_needs_on_device(tiny_data_config, tmp_path):
   config = on_device(tiny_data_config, **{"data.transfer_resolution": 24})
   directory = pipeline.predecoded_dir(config, "train")
-  os.makedirs(directory + ".partial-1")  # What a killed build leaves: ignored.
+  os.makedirs(directory + ".partial-1")  # What a killed build leaves: never taken as done.
   assert not os.path.exists(directory)
   assert pipeline.predecode(config, "train") == directory
   arrays = {key: np.load(os.path.join(directory, key + ".npy")) for key in schema.KEYS}
   assert arrays["fg_bg"].shape == (24, 24, 24, 3) and arrays["depth"].dtype == np.uint16
-  assert glob.glob(directory + ".partial-*") == [directory + ".partial-1"]  # Ours was renamed.
+  # Ours was renamed; the dead process's was removed (under the build lock, so no live process
+  # was writing it), and its space is free again.
+  assert glob.glob(directory + ".partial-*") == []
   with pytest.raises(ValueError, match="config.data.on_device"):
     pipeline.create_train_iterator(copy_of(tiny_data_config, **{"data.predecoded": True}))
 

@@ -1,6 +1,7 @@
 """The seed-layout reader on tiny layouts written here: folders, zips, pairing, refusals, splits,
 and the TFDS dataset built from it."""
 
+import glob
 import io
 import os
 import shutil
@@ -261,11 +262,55 @@ def test_tfds_dataset_built_from_the_layout_reads_back(kind, tmp_path):
   assert next(pipeline.create_train_iterator(config))["mask"].shape == (32, 16, 16, 1)
 
 
+def dataset_name(config):
+  seed_layout.folder_fingerprint.cache_clear()  # What a new process would see.
+  return sources.get_source(config).name
+
+
 def test_dataset_names_keep_settings_apart(tmp_path):
-  settings = [("a", {}), ("b", {}), ("a", {"split": "background"}), ("a", {"test_fraction": 0.25}),
-              ("a", {"mask_pattern": "m_{bg}_{fg}_{i}.png"})]
-  names = {sources.get_source(seed_config(d, tmp_path, **o)).name for d, o in settings}
-  assert len(names) == 5
+  a, b = (write_folders(tmp_path / name, layout_files()) for name in "ab")
+  settings = [(a, {}), (b, {}), (a, {"split": "background"}), (a, {"test_fraction": 0.25}),
+              (a, {"mask_pattern": "m_{bg}_{fg}_{i}.png"}), (a, {"split_seed": 1})]
+  names = {dataset_name(seed_config(d, tmp_path, **o)) for d, o in settings}
+  assert len(names) == 6
+
+
+def test_the_training_seed_keeps_the_split_and_the_built_dataset(folder_root, tmp_path):
+  config = seed_config(folder_root, tmp_path / "tfds")
+  other_training_seed = seed_config(folder_root, tmp_path / "tfds")
+  other_training_seed.seed = 1
+  assert dataset_name(other_training_seed) == dataset_name(config)
+  pipeline.prepare(config)
+  test_keys = sorted(raw["fg_bg"] for raw in sources.get_source(other_training_seed)
+                     .builder.as_data_source("test", decoders=tfds_builder.RAW_DECODERS))
+  with seed_layout.SeedLayout(folder_root, config.data.seed_layout) as layout:
+    expected = seed_layout.split_composites(layout.composites, "image", 0.3, seed=0)["test"]
+    assert test_keys == sorted(layout.read_bytes(c.fg_bg) for c in expected)
+
+
+def test_dataset_name_follows_the_folder_and_its_changes(tmp_path, monkeypatch):
+  # The same relative path from two working directories: two folders, two datasets.
+  for place in ("here", "there"):
+    write_folders(tmp_path / place / "seed", layout_files())
+  monkeypatch.chdir(tmp_path / "here")
+  here = dataset_name(seed_config("seed", tmp_path / "tfds"))
+  monkeypatch.chdir(tmp_path / "there")
+  config = seed_config("seed", tmp_path / "tfds")
+  assert dataset_name(config) != here
+  # The folder changed between runs: a file added, or one rewritten (newer modification time).
+  before = dataset_name(config)
+  extra = tmp_path / "there" / "seed" / "bg" / "zoo.jpg"
+  extra.write_bytes(layout_files()["bg"]["attic.jpg"])
+  added = dataset_name(config)
+  assert added != before
+  newest = max(os.stat(p).st_mtime_ns for p in glob.glob(str(tmp_path / "there/seed/*/*")))
+  mask = sorted(glob.glob(str(tmp_path / "there" / "seed" / "mask" / "*")))[0]
+  os.utime(mask, ns=(newest + 10**9, newest + 10**9))
+  rewritten = dataset_name(config)
+  assert rewritten not in (before, added)
+  # Something beside the four folders (say, the built dataset itself) changes nothing.
+  (tmp_path / "there" / "seed" / "notes.txt").write_text("not part of the layout")
+  assert dataset_name(config) == rewritten
 
 
 def test_building_refuses_a_bad_layout(folder_root, tmp_path):

@@ -78,6 +78,20 @@ def test_train_and_test_rooms_are_disjoint():
   assert scene.room_seed == synthetic.room_seed("test", 7)
 
 
+def test_objects_range_from_specks_to_close_ups():
+  areas = np.array([(scene.mask >= 128).mean() for scene in scenes(count=200)])
+  assert (areas > 0).all()
+  assert (areas < 0.01).mean() > 0.03  # Far away: under 1 % of the frame.
+  assert (areas > 0.25).mean() > 0.01  # Close-ups: a quarter of the frame and more.
+  assert areas.max() > 0.35
+
+
+@pytest.mark.slow
+def test_renders_larger_than_the_noise_bank():
+  scene = synthetic.render_scene("test", 0, resolution=840)
+  assert scene.fg_bg.shape == (840, 840, 3) and (scene.mask >= 128).any()
+
+
 def test_masks_have_soft_edges():
   masks = np.stack([scene.mask for scene in scenes(count=6)])
   soft = (masks > 0) & (masks < 255)

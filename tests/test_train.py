@@ -11,11 +11,12 @@ import sys
 import jax
 import numpy as np
 import pytest
-from clu import metric_writers
-from conftest import relative_update_difference
+from conftest import copy_of, relative_update_difference
 from conftest import tiny_run_config as tiny
 
-from dmjax import checkpoints, train
+from dmjax import checkpoints, summaries, train
+
+metric_writers = summaries.metric_writers()  # CLU's, importable without TensorFlow too.
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,13 +101,21 @@ def test_one_step_logs_every_loss_term_and_images(tiny_data_config, tmp_path):
   assert writer.hparams["model.name"] == config.model.name
 
 
-def test_resume_after_sigterm_is_bit_identical(trained, tiny_data_config, tmp_path):
+def test_sigterm_between_checkpoints_saves_where_it_stops_and_resumes_bit_identically(
+    trained, tmp_path, caplog):
+  # The signal lands in the host work of step 3 (its logging), after that step's save decision;
+  # neither step 3 nor step 4 is a checkpoint step. The run stops at the next step, 4, and must
+  # save it, not merely say so. (How often a run logs or saves does not change what it trains.)
   config, uninterrupted, _ = trained
   workdir = str(tmp_path)
-  writer = RecordingWriter(sigterm_at_step=2)
-  assert train.train_and_evaluate(config, workdir, writer=writer) == {}
-  assert checkpoints.restore_model(workdir)[2] == 2  # Saved where SIGTERM arrived, then stopped.
-  train.train_and_evaluate(config, workdir, writer=RecordingWriter())
+  interrupted = tiny(config, log_every_steps=1, checkpoint_every_steps=5)
+  writer = RecordingWriter(sigterm_at_step=3)
+  with caplog.at_level(logging.WARNING):
+    assert train.train_and_evaluate(interrupted, workdir, writer=writer) == {}
+  assert "Saved step 4 after SIGTERM" in caplog.text
+  assert max(writer.scalars) == 4
+  assert sorted(int(os.path.basename(p)) for p in glob.glob(f"{workdir}/checkpoints/[0-9]*")) == [4]
+  train.train_and_evaluate(interrupted, workdir, writer=RecordingWriter())
   assert_trees_equal(final_params(workdir), final_params(uninterrupted))
 
 
@@ -181,3 +190,48 @@ def test_resuming_with_another_config_warns_naming_the_keys(tiny_data_config, ca
     train.warn_about_config_changes(saved, now)
   assert "num_train_steps: 3000 -> 9" in caplog.text
   assert "optimizer.learning_rate: 0.002 -> 0.5" in caplog.text
+
+
+def test_intervals_of_zero_mean_never(tiny_data_config, tmp_path):
+  # What `schedule=full` derives for runs under 20 steps; it used to divide by zero.
+  config = tiny(tiny_data_config, log_every_steps=0, eval_every_steps=0, checkpoint_every_steps=0)
+  writer = RecordingWriter()
+  train.train_and_evaluate(config, str(tmp_path), writer=writer)
+  assert os.listdir(tmp_path / "checkpoints") == ["6"]  # The last step only.
+  assert sorted(writer.scalars) == [6]  # Logged, evaluated (final) and saved at the end only.
+  assert sorted(writer.images) == [6]
+
+
+def losses_on_one_batch(config, batch, num_steps):
+  """The total loss at each of `num_steps` steps that all train on `batch`, and the final state."""
+  from dmjax import evaluation, models
+
+  mesh = evaluation.create_mesh()
+  model = models.create_model(config.model)
+  tx = train.create_optimizer(config)
+  state = jax.device_put(train.create_train_state(config, model, tx, jax.random.PRNGKey(0)),
+                         evaluation.replicated(mesh))
+  step = train.make_train_step(model, tx, config.loss, mesh)
+  batch = evaluation.to_global(batch, evaluation.batch_sharding(mesh))
+  totals = []
+  for _ in range(num_steps):
+    state, terms = step(state, batch)
+    totals.append(float(terms["total"]))
+  return np.array(totals), state
+
+
+@pytest.mark.slow
+def test_a_few_dozen_steps_on_one_batch_cut_the_loss_in_float32_and_bfloat16(tiny_data_config):
+  # Catches a sign error, an update that is dropped, or a bfloat16 step that trains differently.
+  from dmjax.data import pipeline
+
+  config = tiny(tiny_data_config, num_train_steps=40)  # AdamW 2e-3, cosine after 2 warm-up steps.
+  batch = next(pipeline.create_eval_batches(config, "train", 4, batch_size=4))
+  float32, _ = losses_on_one_batch(config, batch, 40)
+  assert float32[-1] < 0.6 * float32[0], float32  # 0.42 seen.
+  bfloat16, state = losses_on_one_batch(copy_of(config, **{"model.dtype": "bfloat16"}), batch, 40)
+  assert bfloat16[-1] < 0.6 * bfloat16[0], bfloat16
+  np.testing.assert_allclose(bfloat16, float32, rtol=0.03)  # Within 0.5 % seen.
+  assert {leaf.dtype for leaf in jax.tree.leaves((state.params, state.batch_stats,
+                                                  state.opt_state))} <= {np.dtype(np.float32),
+                                                                         np.dtype(np.int32)}

@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from dmjax import errors
 from dmjax.data import schema
 
 
@@ -31,8 +32,8 @@ class AugmentSettings:
     if not augment_config.enabled:
       return None
     if not 0.0 < augment_config.min_scale <= 1.0:
-      raise ValueError(f"config.data.augment.min_scale={augment_config.min_scale}: expected a "
-                       "value in (0, 1]")
+      raise errors.UserError(f"config.data.augment.min_scale={augment_config.min_scale}: expected "
+                             "a value in (0, 1]")
     return cls(flip=bool(augment_config.flip), min_scale=float(augment_config.min_scale),
                brightness=float(augment_config.brightness),
                contrast=float(augment_config.contrast),
@@ -92,7 +93,7 @@ def transform_example(example: dict[str, np.ndarray], geometry: Geometry,
 
 
 def jitter_photometric(image: np.ndarray, rng: np.random.Generator,
-                       settings: AugmentSettings) -> np.ndarray:
+                             settings: AugmentSettings) -> np.ndarray:
   """Brightness, contrast and saturation factors in [1 - s, 1 + s], applied in that order to a
   uint8 (H, W, 3) image with PIL's ImageEnhance: what torchvision's ColorJitter does to PIL
   images (a fixed order here, so a record's seed fixes the result)."""

@@ -23,11 +23,15 @@ building (`prepare`) renders or reads the sources once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import glob
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Iterator
 
@@ -37,14 +41,57 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
+from dmjax import errors
 from dmjax.data import augment, schema, sources, tfds_builder
 
 
 def prepare(config: ml_collections.ConfigDict) -> None:
-  """Builds the dataset `config.data` names unless it is built already (shows progress)."""
+  """Builds the dataset `config.data` names, and predecodes its training split if the config
+  trains from predecoded arrays, unless that is done already (shows progress).
+
+  Every process of a run calls it. Whichever takes the dataset's lock first (a file lock beside
+  the built datasets) does the work; the others wait for the lock, then find it done. So the data
+  is built once per host, or once for all hosts where they share the folder, and one process at
+  a time writes there (what the disk check of `predecode` counts on). On a file system without
+  locks, every process builds alone (TFDS and `predecode` rename complete work into place).
+  """
   source = sources.get_source(config)
-  source.builder.download_and_prepare(file_format="array_record",
-                                      download_config=source.download_config)
+  with _build_lock(source):
+    if source.builder.is_prepared():
+      # Perhaps built by another process after this one made its builder, which then describes
+      # no splits: a new builder reads what is there.
+      sources.get_source(config, reload=True)
+    else:
+      logging.info("Building %s in %s.", source.name, source.builder.data_dir)
+      source.builder.download_and_prepare(file_format="array_record",
+                                          download_config=source.download_config)
+  if config.data.on_device and config.data.predecoded:
+    predecode(config, "train")
+
+
+@contextlib.contextmanager
+def _build_lock(source: sources.Source):
+  """Holds the exclusive lock on building `source`, for every process of every run that uses
+  the same data folder; yields whether it got it. An flock: the kernel releases it when its
+  holder dies, even by kill -9."""
+  root = os.fspath(source.builder.data_dir_root)
+  os.makedirs(root, exist_ok=True)
+  path = os.path.join(root, f".{source.name.replace('/', '-')}.lock")
+  with open(path, "a") as lock_file:
+    locked = True
+    try:
+      fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logging.info("Waiting for another process to build %s (it holds %s).", source.name, path)
+      fcntl.flock(lock_file, fcntl.LOCK_EX)
+    except OSError as e:  # A file system without locks: every process builds its own copy.
+      logging.warning("Cannot lock %s (%s); building without a lock.", path, e)
+      locked = False
+    try:
+      yield locked
+    finally:
+      if locked:
+        fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
@@ -74,8 +121,8 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, process_index: i
   identity = {"dataset": source.name, "seed": config.seed, "batch_size": local_batch_size,
               "process_index": process_index, "process_count": process_count}
   if config.data.predecoded and not config.data.on_device:
-    raise ValueError("config.data.predecoded=True needs config.data.on_device=True (the host "
-                     "augmentation decodes and resizes each example anyway)")
+    raise errors.UserError("config.data.predecoded=True needs config.data.on_device=True (the host "
+                           "augmentation decodes and resizes each example anyway)")
   if config.data.on_device:
     examples = (PredecodedExamples(predecode(config, "train")) if config.data.predecoded
                 else DecodedExamples(_data_source(source, "train"),
@@ -178,8 +225,8 @@ class DecodedExamples:
     examples = [self[i] for i in indices]
     shapes = {example["fg_bg"].shape for example in examples}
     if len(shapes) > 1:
-      raise ValueError(f"training examples differ in size ({sorted(shapes)}); set "
-                       "config.data.transfer_resolution so the host can batch them")
+      raise errors.UserError(f"training examples differ in size ({sorted(shapes)}); set "
+                             "config.data.transfer_resolution so the host can batch them")
     return {key: np.stack([example[key] for example in examples]) for key in schema.KEYS}
 
 
@@ -277,15 +324,29 @@ def predecode(config: ml_collections.ConfigDict, split: str) -> str:
   directory = predecoded_dir(config, split)
   if os.path.isdir(directory):
     return directory
-  examples = DecodedExamples(_data_source(_built_source(config, split), split),
-                             config.data.transfer_resolution)
+  source = _built_source(config, split)
+  with _build_lock(source) as locked:
+    if not os.path.isdir(directory):  # Another process may have written it while we waited.
+      _predecode(source, split, config.data.transfer_resolution, directory, locked)
+  return directory
+
+
+def _predecode(source: sources.Source, split: str, transfer_resolution: int, directory: str,
+               locked: bool) -> None:
+  if locked:  # Then partial arrays beside the directory were left by a process that died.
+    for stale in glob.glob(glob.escape(directory) + ".partial-*"):
+      logging.info("Removing %s, left by an interrupted predecode.", stale)
+      shutil.rmtree(stale, ignore_errors=True)
+  examples = DecodedExamples(_data_source(source, split), transfer_resolution)
   first = examples[0]
-  size = len(examples) * sum(v.nbytes for v in first.values())
+  # What is written: one array per key (and its header of at most a few kB), by this process
+  # alone.
+  size = len(examples) * sum(v.nbytes for v in first.values()) + len(first) * 4096
   free = shutil.disk_usage(os.path.dirname(directory)).free
   if size > free:
-    raise ValueError(f"predecoding {split} to {directory} needs {size / 2**30:.1f} GiB, and "
-                     f"{free / 2**30:.1f} GiB are free; lower config.data.transfer_resolution "
-                     "or set config.data.predecoded=False")
+    raise errors.UserError(f"predecoding {split} to {directory} needs {size / 2**30:.1f} GiB, and "
+                           f"{free / 2**30:.1f} GiB are free; lower "
+                           "config.data.transfer_resolution or set config.data.predecoded=False")
   logging.info("Predecoding %d %s examples (%.1f GiB) to %s.", len(examples), split,
                size / 2**30, directory)
   partial = f"{directory}.partial-{os.getpid()}"
@@ -297,9 +358,10 @@ def predecode(config: ml_collections.ConfigDict, split: str) -> str:
     raise
   try:
     os.rename(partial, directory)
-  except OSError:  # Another process finished the same arrays first.
+  except OSError:  # Without a lock, another process may have finished the same arrays first.
     shutil.rmtree(partial, ignore_errors=True)
-  return directory
+    if not os.path.isdir(directory):
+      raise
 
 
 def _write_predecoded(examples: DecodedExamples, first: dict[str, np.ndarray], directory: str,
@@ -312,8 +374,8 @@ def _write_predecoded(examples: DecodedExamples, first: dict[str, np.ndarray], d
   for index, example in enumerate(decoded):
     for key, array in arrays.items():
       if example[key].shape != array.shape[1:]:
-        raise ValueError(f"{split} example {index} is {example[key].shape[:2]}, the first was "
-                         f"{array.shape[1:3]}; set config.data.transfer_resolution")
+        raise errors.UserError(f"{split} example {index} is {example[key].shape[:2]}, the first "
+                               f"was {array.shape[1:3]}; set config.data.transfer_resolution")
       array[index] = example[key]
   for array in arrays.values():
     array.flush()
@@ -381,8 +443,10 @@ class TrainIterator:
     dataset = self._batches[self._next_batch:].to_iter_dataset(_read_options(self._prefetch))
     if self._num_workers > 0:
       _accept_grain_flag_defaults()
-      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self._num_workers, per_worker_buffer_size=max(self._prefetch, 1)))
+      dataset = dataset.mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=self._num_workers,
+                                       per_worker_buffer_size=max(self._prefetch, 1)),
+          worker_init_fn=_ignore_sigterm)
     self._iterator = iter(dataset)
 
   def start_prefetch(self) -> None:
@@ -402,7 +466,7 @@ class TrainIterator:
     if differing:
       shown = ", ".join(f"{k}: saved {saved!r}, now {now!r}" for k, (saved, now) in
                         differing.items())
-      raise ValueError(f"the saved data iterator state is for a different stream ({shown})")
+      raise errors.UserError(f"the saved data iterator state is for a different stream ({shown})")
     self.close()
     self._next_batch = int(restored["next_batch"])
 
@@ -425,11 +489,12 @@ class TrainIterator:
 def _built_source(config: ml_collections.ConfigDict, split: str) -> sources.Source:
   source = sources.get_source(config)
   if not source.builder.is_prepared():
-    raise ValueError(f"dataset {source.name} is not built in {source.builder.data_dir}; call "
-                     "dmjax.data.pipeline.prepare(config) first (config.data.tfds_dir says where)")
+    raise errors.UserError(f"dataset {source.name} is not built in {source.builder.data_dir}; "
+                           "call dmjax.data.pipeline.prepare(config) first (config.data.tfds_dir "
+                           "says where)")
   if split not in source.builder.info.splits:
-    raise ValueError(f"dataset {source.name} has no split {split!r}; it has "
-                     f"{sorted(source.builder.info.splits)}")
+    raise errors.UserError(f"dataset {source.name} has no split {split!r}; it has "
+                           f"{sorted(source.builder.info.splits)}")
   return source
 
 
@@ -449,15 +514,23 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+    raise errors.UserError(f"process_index={process_index} is not in [0, {process_count})")
   return process_index, process_count
 
 
 def _local_batch_size(global_batch_size: int, process_count: int, what: str) -> int:
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f"{what}={global_batch_size} is not a positive multiple of the "
-                     f"{process_count} JAX processes")
+    raise errors.UserError(f"{what}={global_batch_size} is not a positive multiple of the "
+                           f"{process_count} JAX processes")
   return global_batch_size // process_count
+
+
+def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
+  """In each grain worker: SIGTERM is for the main process, which saves a checkpoint on it (see
+  dmjax.preemption) and needs its workers for the batches until then. Clusters send it to every
+  process of a job, workers included; the main process stops them when it is done."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _accept_grain_flag_defaults() -> None:

@@ -20,6 +20,7 @@ are counted and listed in `SeedLayout.skipped` and the log.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 import re
@@ -31,6 +32,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from dmjax import errors
 from dmjax.data import schema
 
 FOLDER_KEYS = ("bg_dir", "fg_bg_dir", "mask_dir", "depth_dir")
@@ -109,8 +111,8 @@ class SeedLayout:
     pattern = re.compile(layout.fg_bg_pattern)
     missing_groups = set(_PATTERN_GROUPS) - set(pattern.groupindex)
     if missing_groups:
-      raise ValueError(f"config.data.seed_layout.fg_bg_pattern={layout.fg_bg_pattern!r} lacks "
-                       f"the named group(s) {sorted(missing_groups)}")
+      raise errors.UserError(f"config.data.seed_layout.fg_bg_pattern={layout.fg_bg_pattern!r} "
+                             f"lacks the named group(s) {sorted(missing_groups)}")
     composites, problems, unmatched = [], [], []
     for name in sorted(folders[layout.fg_bg_dir]):
       match = pattern.fullmatch(name)
@@ -141,11 +143,11 @@ class SeedLayout:
     if problems and not self.skip_bad:
       file, what = problems[0]
       more = f" (and {len(problems) - 1} more bad examples)" if len(problems) > 1 else ""
-      raise ValueError(f"{file}: {what}{more}; {_SKIP_HINT}")
+      raise errors.UserError(f"{file}: {what}{more}; {_SKIP_HINT}")
     self._skip(problems)
     if not composites:
-      raise ValueError(f"{self.root}: no composite in {layout.fg_bg_dir}/ matches "
-                       f"fg_bg_pattern={layout.fg_bg_pattern!r}")
+      raise errors.UserError(f"{self.root}: no composite in {layout.fg_bg_dir}/ matches "
+                             f"fg_bg_pattern={layout.fg_bg_pattern!r}")
     return composites
 
   def _skip(self, problems: Sequence[tuple[str, str]]) -> None:
@@ -240,10 +242,10 @@ def split_composites(composites: Sequence[Composite], kind: str, test_fraction: 
   cut-outs with train); kind="background": whole backgrounds held out.
   """
   if kind not in SPLIT_KINDS:
-    raise ValueError(f"config.data.seed_layout.split={kind!r}: expected one of {SPLIT_KINDS}")
+    raise errors.UserError(f"config.data.seed_layout.split={kind!r}: expected one of {SPLIT_KINDS}")
   if not 0.0 < test_fraction < 1.0:
-    raise ValueError(f"config.data.seed_layout.test_fraction={test_fraction}: expected a value "
-                     "strictly between 0 and 1")
+    raise errors.UserError(f"config.data.seed_layout.test_fraction={test_fraction}: expected a "
+                           "value strictly between 0 and 1")
   rng = np.random.default_rng(seed)
   ordered = [composites[i] for i in rng.permutation(len(composites))]
   if kind == "image":
@@ -251,12 +253,32 @@ def split_composites(composites: Sequence[Composite], kind: str, test_fraction: 
     return {"train": ordered[num_test:], "test": ordered[:num_test]}
   backgrounds = sorted({c.bg_index for c in composites})
   if len(backgrounds) < 2:
-    raise ValueError(f"split=background needs at least 2 backgrounds in use, got "
-                     f"{len(backgrounds)}")
+    raise errors.UserError(f"split=background needs at least 2 backgrounds in use, got "
+                           f"{len(backgrounds)}")
   num_test = min(max(round(len(backgrounds) * test_fraction), 1), len(backgrounds) - 1)
   held_out = {backgrounds[i] for i in rng.permutation(len(backgrounds))[:num_test]}
   return {"train": [c for c in ordered if c.bg_index not in held_out],
           "test": [c for c in ordered if c.bg_index in held_out]}
+
+
+@functools.lru_cache(maxsize=16)
+def folder_fingerprint(root: str, folder_names: tuple[str, ...]) -> str:
+  """`COUNT_BYTES_NEWEST` over the files a layout at `root` can read (the named folders' files
+  and the zips at the top, or `root` itself if it is a zip): changes when files are added,
+  removed, resized or rewritten. Computed once per process (a stat per file: 400k of them)."""
+  if os.path.isfile(root):
+    paths = [root]
+  elif os.path.isdir(root):
+    paths = [os.path.join(root, f) for f in os.listdir(root) if f.endswith(".zip")]
+    for name in folder_names:
+      folder = os.path.join(root, name)
+      if os.path.isdir(folder):
+        paths.extend(os.path.join(folder, f) for f in os.listdir(folder) if not f.startswith("."))
+  else:
+    raise errors.UserError(f"config.data.dir={root!r} does not exist")
+  stats = [os.stat(path) for path in paths if os.path.isfile(path)]
+  newest = max((stat.st_mtime_ns for stat in stats), default=0)
+  return f"{len(stats)}_{sum(stat.st_size for stat in stats)}_{newest}"
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -270,7 +292,7 @@ def encode_png(array: np.ndarray) -> bytes:
 def _index_folders(root: str, names: Sequence[str]) -> dict[str, dict[str, FileRef]]:
   """Maps each folder name to {file name: where it is}, from unpacked folders or zips."""
   if not os.path.exists(root):
-    raise ValueError(f"config.data.dir={root!r} does not exist")
+    raise errors.UserError(f"config.data.dir={root!r} does not exist")
   wanted = set(names)
   found: dict[str, dict[str, FileRef]] = {name: {} for name in names}
   if os.path.isdir(root):
@@ -288,13 +310,13 @@ def _index_folders(root: str, names: Sequence[str]) -> dict[str, dict[str, FileR
     for folder, file_name, ref in _zip_members(archive, wanted):
       previous = found[folder].get(file_name)
       if previous is not None:
-        raise ValueError(f"{folder}/{file_name} is in both {previous} and {ref}")
+        raise errors.UserError(f"{folder}/{file_name} is in both {previous} and {ref}")
       found[folder][file_name] = ref
       sources.setdefault(folder, archive)
   for name in names:
     if not found[name]:
-      raise ValueError(f"{root}: no folder {name!r} with files, neither unpacked nor inside a "
-                       "zip (folder names come from config.data.seed_layout.*_dir)")
+      raise errors.UserError(f"{root}: no folder {name!r} with files, neither unpacked nor inside "
+                             "a zip (folder names come from config.data.seed_layout.*_dir)")
   return found
 
 
@@ -306,7 +328,7 @@ def _zip_members(archive: str, folders: set[str]) -> Iterator[tuple[str, str, Fi
     with zipfile.ZipFile(archive) as opened:
       members = opened.namelist()
   except (OSError, zipfile.BadZipFile) as exc:
-    raise ValueError(f"{archive}: unreadable zip ({_one_line(exc)})") from exc
+    raise errors.UserError(f"{archive}: unreadable zip ({_one_line(exc)})") from exc
   for member in members:
     parts = member.split("/")
     if member.endswith("/") or parts[-1].startswith(".") or "__MACOSX" in parts:

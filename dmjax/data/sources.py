@@ -8,6 +8,7 @@ from collections.abc import Callable
 import ml_collections
 import tensorflow_datasets as tfds
 
+from dmjax import errors
 from dmjax.data import tfds_builder
 
 
@@ -39,39 +40,42 @@ _builders: dict[tuple, tfds.core.DatasetBuilder] = {}
 
 
 def _builder(builder_class: type[tfds.core.DatasetBuilder], builder_config: tfds.core.BuilderConfig,
-             data_dir: str | None) -> tfds.core.DatasetBuilder:
+             data_dir: str | None, reload: bool = False) -> tfds.core.DatasetBuilder:
   """One builder per dataset and process: TFDS logs a warning for each custom-config builder it
-  makes, and the trainer asks for the source at every evaluation."""
+  makes, and the trainer asks for the source at every evaluation. A builder reads the dataset's
+  description once, when it is made: `reload` makes a new one."""
   key = (builder_class.__name__, builder_config.name, data_dir)
-  if key not in _builders:
+  if reload or key not in _builders:
     _builders[key] = builder_class(config=builder_config, data_dir=data_dir)
   return _builders[key]
 
 
-def synthetic_source(config: ml_collections.ConfigDict) -> Source:
+def synthetic_source(config: ml_collections.ConfigDict, reload: bool = False) -> Source:
   builder = _builder(tfds_builder.DmjaxSynthetic,
-                     tfds_builder.SyntheticConfig.from_config(config.data), _data_dir(config))
+                     tfds_builder.SyntheticConfig.from_config(config.data), _data_dir(config),
+                     reload)
   return Source(builder=builder, splits=tfds_builder.SPLITS, download_config=_download_config())
 
 
-def seed_source(config: ml_collections.ConfigDict) -> Source:
+def seed_source(config: ml_collections.ConfigDict, reload: bool = False) -> Source:
   builder = _builder(tfds_builder.DmjaxSeed, tfds_builder.SeedConfig.from_config(config),
-                     _data_dir(config))
+                     _data_dir(config), reload)
   manual_dir = tfds_builder.seed_manual_dir(config.data.dir)
   return Source(builder=builder, splits=tfds_builder.SPLITS,
                 download_config=_download_config(manual_dir=manual_dir))
 
 
-SOURCES: dict[str, Callable[[ml_collections.ConfigDict], Source]] = {
+SOURCES: dict[str, Callable[..., Source]] = {
     "synthetic": synthetic_source,
     "seed": seed_source,
 }
 
 
-def get_source(config: ml_collections.ConfigDict) -> Source:
-  """The source `config.data.source` names."""
+def get_source(config: ml_collections.ConfigDict, *, reload: bool = False) -> Source:
+  """The source `config.data.source` names; `reload`: with a new builder, which reads what is
+  built now (another process may have built it since this one made its builder)."""
   factory = SOURCES.get(config.data.source)
   if factory is None:
-    raise ValueError(f"config.data.source={config.data.source!r} is not a known data source; "
-                     f"known: {sorted(SOURCES)}")
-  return factory(config)
+    raise errors.UserError(f"config.data.source={config.data.source!r} is not a known data source; "
+                           f"known: {sorted(SOURCES)}")
+  return factory(config, reload)

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dmjax import errors
 from dmjax.data import schema
 
 SPLITS = ("train", "test")
@@ -69,6 +70,10 @@ _MIN_RESOLUTION = 16
 # fractions of the image, so an example shows the same scene at every resolution.
 _PLACEMENT_GRID = 64
 _EDGE = 1 / 80  # Margin objects keep from the image border, as a fraction of its side.
+# Share of examples framed as a close-up: the object stands nearer than the bottom of the frame,
+# so its feet or sides may be cut off and it can fill most of the image (photos of a pet).
+CLOSEUP_PROBABILITY = 0.25
+_CLOSEUP_HEIGHT_GAIN = (1.2, 2.2)  # Close-up objects are drawn this much taller.
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +139,7 @@ def room_seed(split: str, index: int, *, seed: int = 0) -> int:
   del seed  # Room seeds are numbered per split; `seed` changes what each number renders.
   split_id = _split_id(split)
   if index < 0:
-    raise ValueError(f"example index must be >= 0, got {index}")
+    raise errors.UserError(f"example index must be >= 0, got {index}")
   return split_id * _TEST_ROOM_OFFSET + index % NUM_ROOMS[split]
 
 
@@ -150,9 +155,9 @@ def render_scene(split: str, index: int, *, resolution: int = 80, seed: int = 0,
   """Like `render_example`, with the room's geometry and the shadow map as well."""
   room = room_seed(split, index, seed=seed)
   if resolution < _MIN_RESOLUTION:
-    raise ValueError(f"resolution must be >= {_MIN_RESOLUTION}, got {resolution}")
+    raise errors.UserError(f"resolution must be >= {_MIN_RESOLUTION}, got {resolution}")
   if seed < 0:
-    raise ValueError(f"seed must be >= 0, got {seed}")
+    raise errors.UserError(f"seed must be >= 0, got {seed}")
   layout = room_layout(seed, room)
   room_image = _ROOM_CACHE.get((seed, room, resolution),
                                lambda: _render_room(layout, resolution))
@@ -167,7 +172,7 @@ def focal_length_px(resolution: int) -> float:
 
 def _split_id(split: str) -> int:
   if split not in SPLITS:
-    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    raise errors.UserError(f"unknown split {split!r}; expected one of {SPLITS}")
   return SPLITS.index(split)
 
 
@@ -1160,8 +1165,9 @@ class _Placement:
 
 def _place_object(layout: RoomLayout, room_image: _RoomImage, resolution: int,
                   rng: np.random.Generator, unit_shape: AnimalShape, height_range,
-                  attempt: int) -> _Placement | None:
-  """A random stance on a visible floor point, or None where it does not fit."""
+                  attempt: int, closeup: bool) -> _Placement | None:
+  """A random stance on a visible floor point (or, for a close-up, on the floor between the
+  camera and the bottom of the frame), or None where it does not fit."""
   camera = layout.camera
   floor = room_image.floor_cells
   if not len(floor):
@@ -1177,9 +1183,16 @@ def _place_object(layout: RoomLayout, room_image: _RoomImage, resolution: int,
   height = math.exp(rng.uniform(math.log(height_range[0]), math.log(height_range[1]))) * shrink
   facing = 1.0 if rng.random() < 0.5 else -1.0
   lower = rng.uniform(0.6, 0.95)
+  nearer = rng.uniform(0.4, 1.0)
+  height *= rng.uniform(*_CLOSEUP_HEIGHT_GAIN) if closeup else 1.0
+  if closeup:  # Below the visible floor: the ray through the bottom edge, part of the way.
+    direction = camera.rays(resolution, (col + rng.random()) * cell, resolution).astype(
+        np.float64)
   if direction[2] >= 0:
     return None
   contact = camera.position - (camera.position[2] / direction[2]) * direction
+  if closeup:
+    contact[:2] = camera.position[:2] + nearer * (contact[:2] - camera.position[:2])
   contact[2] = 0.0
   # An object too tall for the frame above its feet is made shorter rather than moved, so near
   # the camera sizes are drawn among those that fit.
@@ -1201,7 +1214,7 @@ def _place_object(layout: RoomLayout, room_image: _RoomImage, resolution: int,
   normal /= distance
   across = np.array([normal[1], -normal[0], 0.0])
   contact_row, contact_col = camera.project(contact, resolution)
-  if contact_row > resolution - 2 * edge:
+  if contact_row > resolution - 2 * edge and not closeup:
     return None
   for _ in range(2):
     shape = unit_shape.scaled_to(height)
@@ -1211,6 +1224,8 @@ def _place_object(layout: RoomLayout, room_image: _RoomImage, resolution: int,
     ends = contact + np.outer([left, right], across)
     corners = np.concatenate([ends, ends + (0.0, 0.0, top)])
     rows, cols = camera.project(corners, resolution)
+    if closeup and rows.min() >= edge:  # The frame may cut its feet and sides, not its head.
+      break
     if rows.min() >= edge and cols.min() >= edge and rows.max() <= resolution - edge and (
         cols.max() <= resolution - edge):
       break
@@ -1220,7 +1235,9 @@ def _place_object(layout: RoomLayout, room_image: _RoomImage, resolution: int,
     need_left, need_right = contact_col - cols.min(), cols.max() - contact_col
     fit = min(room_left / max(need_left, 1e-6), room_right / max(need_right, 1e-6),
               (contact_row - edge) / max(contact_row - rows.min(), 1e-6))
-    if fit < 0.4 or rows.max() > resolution - edge:
+    if closeup:
+      fit = (contact_row - edge) / max(contact_row - rows.min(), 1e-6)
+    elif fit < 0.4 or rows.max() > resolution - edge:
       return None
     height *= 0.97 * fit
   else:
@@ -1401,9 +1418,13 @@ def _photograph(radiance: np.ndarray, rng: np.random.Generator, gain: np.ndarray
   if rng.random() < realism.blur_probability:
     image = _blur(image)
   bank = _noise_bank()
-  start = rng.integers(len(bank) - image.size)
+  start = rng.integers(max(len(bank) - image.size, 1))
   sigma = rng.uniform(*realism.noise_levels)
-  image += bank[start:start + image.size].reshape(image.shape) * np.float32(sigma)
+  if image.size <= len(bank):
+    noise = bank[start:start + image.size]
+  else:  # Beyond about 830 px the bank repeats; its period is far too long to show.
+    noise = np.take(bank, np.arange(start, start + image.size), mode="wrap")
+  image += noise.reshape(image.shape) * np.float32(sigma)
   image += np.float32(0.5)  # Rounds on the conversion below.
   pixels = np.clip(image, 0, 255, out=image).astype(np.uint8).transpose(1, 2, 0)
   low, high = realism.jpeg_quality
@@ -1415,11 +1436,13 @@ def _render_composite(layout: RoomLayout, room_image: _RoomImage, room: int, res
   margin = room_image.margin
   template, height_range = _TEMPLATES[rng.integers(len(_TEMPLATES))]
   unit_shape = template(rng)
+  closeup = rng.random() < CLOSEUP_PROBABILITY
   softness = rng.uniform(1.0, 2.2)  # Width of the alpha ramp in pixels.
   placement = drawn = None
   for attempt in range(40):
+    # A close-up that finds no room for ten tries becomes an ordinary shot.
     candidate = _place_object(layout, room_image, resolution, rng, unit_shape, height_range,
-                              attempt)
+                              attempt, closeup and attempt < 10)
     if candidate is None:
       continue
     candidate_drawn = _draw_object(layout, room_image, candidate, resolution, softness)

@@ -1,8 +1,16 @@
 """Models by name. `create_model(config.model)` builds the one a config names.
 
 Every model is a Linen module called as `model.apply(variables, bg, fg_bg, train=...)` on NHWC
-float inputs (H, W divisible by 16) and returns `{"mask": logits, "depth": logits}`, each
-float32 of shape (B, H, W, 1). Variables are `{"params", "batch_stats"}`.
+float inputs and returns `{"mask": logits, "depth": logits}`, each float32 of shape
+(B, H, W, 1); a model may add outputs that only its losses read (u2netp_dual's `mask_sides`,
+`depth_sides`). Variables are `{"params", "batch_stats"}`. Input sizes: depthmasknet and
+depthmasknet_v2 need H, W divisible by 16, unet_dual by 4, u2netp_dual and two_stage any.
+
+  depthmasknet     seed 002 (SPEC §1), 5,230,720 parameters
+  depthmasknet_v2  the project's default, 524,168 parameters
+  unet_dual        seed 004 (MODELS.md §1), 3,165,170 parameters
+  u2netp_dual      seed 003 (MODELS.md §2), 1,769,306 parameters
+  two_stage        seed 001's cascade (MODELS.md §3.3), variant S 5,767,154 parameters
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from dmjax import errors
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -28,13 +38,19 @@ def register(name: str):
 
 def create_model(model_config: ml_collections.ConfigDict) -> nn.Module:
   if model_config.name not in MODELS:
-    raise ValueError(f"config.model.name={model_config.name!r}: unknown model; known: "
-                     f"{sorted(MODELS)}")
+    raise errors.UserError(f"config.model.name={model_config.name!r}: unknown model; known: "
+                           f"{sorted(MODELS)}")
   cls = MODELS[model_config.name]
   # Options of other models (e.g. `blur` for the seed model) do not apply and are left out.
   fields = {f.name for f in dataclasses.fields(cls)}
   kwargs = {k: v for k, v in model_config.items() if k in fields}
   kwargs["dtype"] = jnp.dtype(model_config.get("dtype", "float32"))
+  if model_config.get("refiner", False):  # Absent from configs saved before it existed.
+    from dmjax.models import refiner  # noqa: PLC0415 (imports this module)
+
+    return refiner.Refined(base=cls(**kwargs), features=int(model_config.refiner_features),
+                           train_window=int(model_config.get("refiner_window", 0)),
+                           dtype=kwargs["dtype"])
   return cls(**kwargs)
 
 
@@ -45,5 +61,18 @@ def predict_probabilities(model: nn.Module, variables, bg: jax.Array,
   return jax.nn.sigmoid(outputs["mask"]), jax.nn.sigmoid(outputs["depth"])
 
 
+# Folded into the train state's key for the teacher-forcing draws, apart from other streams.
+_TEACHER_FORCING_STREAM = 0x7EAC4E
+
+
+def train_inputs(model: nn.Module, batch, rng: jax.Array, step: jax.Array) -> dict:
+  """Extra `model.apply` arguments of a training step: the ground-truth mask, the step and an rng
+  for a model that feeds labels to its second stage (two_stage's teacher forcing); else none."""
+  if not getattr(model, "uses_teacher_forcing", False):
+    return {}
+  key = jax.random.fold_in(jax.random.fold_in(rng, _TEACHER_FORCING_STREAM), step)
+  return {"mask_label": batch["mask"], "step": step, "rngs": {"teacher_forcing": key}}
+
+
 # Imported last: each model module registers itself with `register`, defined above.
-from dmjax.models import depthmasknet, depthmasknet_v2  # noqa: E402, F401
+from dmjax.models import depthmasknet, depthmasknet_v2, two_stage, u2netp_dual, unet_dual  # noqa: E402, F401

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -9,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from dmjax import errors
+from dmjax.data import schema
 from dmjax.models import cpu_conv
 
 Array = jax.Array
@@ -21,15 +24,16 @@ torch_conv_init: Initializer = nn.initializers.variance_scaling(1 / 3, "fan_in",
 SIZE_MULTIPLE = 16
 
 
-def check_inputs(bg: Array, fg_bg: Array) -> None:
-  """Raises ValueError unless bg and fg_bg are equal NHWC batches with H, W divisible by 16."""
+def check_inputs(bg: Array, fg_bg: Array, multiple: int = SIZE_MULTIPLE) -> None:
+  """Raises ValueError unless bg and fg_bg are equal NHWC batches with H, W divisible by
+  `multiple` (16 unless the model says otherwise)."""
   if bg.ndim != 4 or bg.shape != fg_bg.shape:
-    raise ValueError(f"bg and fg_bg must be NHWC arrays of the same shape; got {bg.shape} and "
-                     f"{fg_bg.shape}")
+    raise errors.UserError(f"bg and fg_bg must be NHWC arrays of the same shape; got {bg.shape} "
+                           f"and {fg_bg.shape}")
   height, width = bg.shape[1:3]
-  if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
-    raise ValueError(f"image height and width must be divisible by {SIZE_MULTIPLE}; got "
-                     f"{height}x{width}")
+  if height % multiple or width % multiple:
+    raise errors.UserError(f"image height and width must be divisible by {multiple}; got "
+                           f"{height}x{width}")
 
 
 def pixel_shuffle(x: Array, r: int) -> Array:
@@ -142,3 +146,115 @@ def max_pool_2x2(x: Array) -> Array:
 
 def as_float32_outputs(mask: Array, depth: Array) -> dict[str, Array]:
   return {"mask": mask.astype(jnp.float32), "depth": depth.astype(jnp.float32)}
+
+
+# PyTorch-parity building blocks (the other seed models, /work/shared/MODELS.md §0): explicit
+# symmetric padding, biases, stride 2, transposed convolutions, ceil-mode pooling, bilinear
+# resizing to a target size.
+
+
+def torch_bias_init(fan_in: int) -> Initializer:
+  """PyTorch's default bias initialisation, U(±1/sqrt(fan_in)) with the layer's fan_in."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key: Array, shape: Sequence[int], dtype=jnp.float32) -> Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def torch_conv(features: int, kernel: int, dtype, *, in_features: int, stride: int = 1,
+               padding: int | None = None, dilation: int = 1, use_bias: bool = True,
+               kernel_init: Initializer = torch_conv_init, name: str | None = None) -> nn.Conv:
+  """PyTorch's `Conv2d(in_features, features, kernel, stride, padding, dilation, bias)`.
+
+  Padding is explicit and symmetric (default dilation · (kernel - 1) / 2): Flax's 'SAME' pads
+  (0, 1) for a stride-2 3x3 conv on an even input where PyTorch pads (1, 1), which would shift
+  the sampling grid by a pixel. Unit-stride convs take `cpu_conv`'s fast kernel gradient.
+  """
+  pad = dilation * (kernel - 1) // 2 if padding is None else padding
+  return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+                 kernel_dilation=dilation, use_bias=use_bias, dtype=dtype,
+                 param_dtype=jnp.float32, kernel_init=kernel_init,
+                 bias_init=torch_bias_init(in_features * kernel * kernel),
+                 conv_general_dilated=cpu_conv.conv_general_dilated, name=name)
+
+
+class ConvTranspose2x2(nn.Module):
+  """PyTorch's `ConvTranspose2d(in, features, kernel_size=2, stride=2)`: exactly 2x up.
+
+  With kernel 2 and stride 2 the output blocks do not overlap, so the layer is one matrix
+  product: y[n, 2h+i, 2w+j, o] = b[o] + Σ_c x[n, h, w, c] · W[i, j, c, o]. The kernel is stored
+  as `transpose_kernel` (2, 2, in, out) = PyTorch's (in, out, 2, 2) weight transposed (2, 3, 0, 1)
+  without a spatial flip (the name tells the weight importer which layout it is). Initialised as
+  PyTorch does, whose "fan_in" for this layer is out · 2 · 2 (weight dimension 1).
+  """
+
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    fan_in = self.features * 4
+    kernel = self.param("transpose_kernel", torch_bias_init(fan_in),
+                        (2, 2, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", torch_bias_init(fan_in), (self.features,), jnp.float32)
+    y = jnp.einsum("nhwc,ijco->nhiwjo", x.astype(self.dtype), kernel.astype(self.dtype))
+    batch, height, _, width, _, features = y.shape
+    return y.reshape(batch, 2 * height, 2 * width, features) + bias.astype(self.dtype)
+
+
+def max_pool_2x2_ceil(x: Array) -> Array:
+  """PyTorch's `MaxPool2d(2, 2, ceil_mode=True)`: an odd side keeps its last row / column alone.
+
+  Padding with -inf makes the extra window the maximum of the real values it covers.
+  """
+  height, width = x.shape[1:3]
+  if height % 2 or width % 2:
+    x = jnp.pad(x, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), constant_values=-jnp.inf)
+  return max_pool_2x2(x)
+
+
+def resize_bilinear(x: Array, height: int, width: int) -> Array:
+  """`F.interpolate(x, size=(height, width), mode='bilinear', align_corners=False)` in NHWC.
+
+  Equal to `jax.image.resize(..., "bilinear")` for the upsizing these models do (MODELS.md §0:
+  antialiasing only applies when shrinking).
+  """
+  if x.shape[1:3] == (height, width):
+    return x
+  return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), "bilinear")
+
+
+def resize_like(x: Array, reference: Array) -> Array:
+  return resize_bilinear(x, *reference.shape[1:3])
+
+
+# How the seed models saw their photos; every model receives them standardised with the dataset's
+# channel statistics (dmjax.data.schema) and converts them here, so that data pipelines,
+# evaluation and prediction stay the same for all of them.
+INPUT_NORMS = ("dataset", "unit", "image_max")
+
+
+def renormalize_inputs(bg: Array, fg_bg: Array, input_norm: str) -> tuple[Array, Array]:
+  """Standardised photos -> what the model was trained on.
+
+  dataset    unchanged: (rgb - mean) / std with the seed dataset's statistics.
+  unit       rgb in [0, 1] (seed 004: ToTensor, no normalisation).
+  image_max  rgb / max(rgb) over each photo's pixels and channels (seed 003: img / np.max(img)).
+  """
+  if input_norm == "dataset":
+    return bg, fg_bg
+  if input_norm not in INPUT_NORMS:
+    raise errors.UserError(f"input_norm={input_norm!r}: expected one of {INPUT_NORMS}")
+
+  def convert(image: Array, key: str) -> Array:
+    mean = jnp.asarray(schema.PHOTO_MEAN[key], jnp.float32)
+    std = jnp.asarray(schema.PHOTO_STD[key], jnp.float32)
+    image = image.astype(jnp.float32) * std + mean
+    if input_norm == "image_max":
+      # A black photo (max 0) would divide by zero; the original would produce NaNs.
+      image = image / jnp.maximum(jnp.max(image, axis=(1, 2, 3), keepdims=True), 1e-6)
+    return image
+
+  return convert(bg, "bg"), convert(fg_bg, "fg_bg")

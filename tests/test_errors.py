@@ -1,0 +1,86 @@
+"""The command-line tools print the user's mistakes (dmjax.errors.UserError, a missing file) as
+one line, and let everything else, a bug, through with its traceback."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+from PIL import Image
+
+from dmjax import errors, evaluate, predict
+
+MAIN_SCRIPT = """
+import sys
+from absl import flags
+from dmjax import errors, main, train
+
+flags.FLAGS(["dmjax.main", "--config=configs/r64.py", f"--workdir={sys.argv[1]}"])
+
+def user_mistake(config, workdir):
+  raise errors.UserError("config.batch_size=7: a user mistake")
+
+def bug(config, workdir):
+  raise ValueError("a bug deep inside")
+
+for fake in (user_mistake, bug):
+  train.train_and_evaluate = fake
+  try:
+    main.main(["dmjax.main"])
+  except SystemExit as e:
+    print("one line:", e)
+  except ValueError as e:
+    print("raised:", type(e).__name__, e)
+"""
+
+
+def test_main_turns_user_errors_into_one_line_and_lets_bugs_through(tmp_path):
+  result = subprocess.run([sys.executable, "-c", MAIN_SCRIPT, str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.splitlines() == [
+      "one line: error: config.batch_size=7: a user mistake",
+      "raised: ValueError a bug deep inside"]
+
+
+def test_user_error_is_a_value_error():
+  assert issubclass(errors.UserError, ValueError)  # `except ValueError` callers still catch it.
+
+
+def test_evaluate_lets_bugs_through(tmp_path, monkeypatch):
+  def bug(*args, **kwargs):
+    raise ValueError("a bug deep inside")
+
+  monkeypatch.setattr(evaluate, "evaluate_checkpoint", bug)
+  with pytest.raises(ValueError, match="a bug deep inside"):
+    evaluate.main([f"--workdir={tmp_path}"])
+  monkeypatch.setattr(evaluate, "evaluate_checkpoint", _raise_user_error)
+  with pytest.raises(SystemExit, match="^error: config.x=1: a user mistake$"):
+    evaluate.main([f"--workdir={tmp_path}"])
+
+
+def test_predict_lets_bugs_through(tmp_path, monkeypatch):
+  image = np.zeros((16, 16, 3), np.uint8)
+  for name in ("bg.png", "fg_bg.png"):
+    Image.fromarray(image).save(tmp_path / name)
+  args = [f"--workdir={tmp_path}", f"--bg={tmp_path / 'bg.png'}",
+          f"--fg_bg={tmp_path / 'fg_bg.png'}", f"--out={tmp_path / 'out'}"]
+
+  def bug(*args, **kwargs):
+    raise ValueError("a bug deep inside")
+
+  monkeypatch.setattr(predict.Predictor, "from_workdir", bug)
+  with pytest.raises(ValueError, match="a bug deep inside"):
+    predict.main(args)
+  monkeypatch.setattr(predict.Predictor, "from_workdir", _raise_user_error)
+  with pytest.raises(SystemExit, match="^error: config.x=1: a user mistake$"):
+    predict.main(args)
+  # A real one: a missing workdir's checkpoints.
+  monkeypatch.undo()
+  with pytest.raises(SystemExit, match="no checkpoints here"):
+    predict.main(args)
+
+
+def _raise_user_error(*args, **kwargs):
+  raise errors.UserError("config.x=1: a user mistake")
