@@ -171,3 +171,10 @@ print(benchmark.own_peak_rss_bytes())
                         capture_output=True, text=True)
   peak_bytes = int(done.stdout.split()[-1])
   assert peak_bytes < 3 << 30, f"peak RSS {peak_bytes / 2**30:.2f} GiB"
+
+
+def test_teacher_forcing_inside_a_refined_model_is_refused():
+  config = config_lib.stage_config(64, "model=two_stage")
+  config.model.teacher_forcing_steps = 10
+  with pytest.raises(ValueError, match="teacher_forcing_steps"):
+    models.create_model(config.model)

@@ -48,7 +48,12 @@ def create_model(model_config: ml_collections.ConfigDict) -> nn.Module:
   if model_config.get("refiner", False):  # Absent from configs saved before it existed.
     from dmjax.models import refiner  # noqa: PLC0415 (imports this module)
 
-    return refiner.Refined(base=cls(**kwargs), features=int(model_config.refiner_features),
+    base = cls(**kwargs)
+    if getattr(base, "uses_teacher_forcing", False):
+      # The refined model does not pass the labels through to its base.
+      raise errors.UserError(f"config.model.teacher_forcing_steps: {model_config.name}'s teacher "
+                             "forcing needs config.model.refiner=False")
+    return refiner.Refined(base=base, features=int(model_config.refiner_features),
                            train_window=int(model_config.get("refiner_window", 0)),
                            dtype=kwargs["dtype"])
   return cls(**kwargs)
