@@ -185,12 +185,16 @@ class Predictor:
     return schema.normalize_photo(bg, "bg"), schema.normalize_photo(fg_bg, "fg_bg")
 
   def _run(self, inputs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    # A short last batch is padded with copies, so every batch has one shape: one compilation.
-    padded = inputs + [inputs[-1]] * (self.batch_size - len(inputs))
+    if self.fit == "auto":
+      # Photos of their own sizes compile per size anyway; padding one large photo to a batch
+      # of copies would multiply its time and memory.
+      forward, padded = self._cascade, inputs
+    else:
+      # A short last batch is padded with copies, so every batch has one shape: one compilation.
+      forward = functools.partial(self._forward, self.variables)
+      padded = inputs + [inputs[-1]] * (self.batch_size - len(inputs))
     bg = np.stack([b for b, _ in padded])
     fg_bg = np.stack([f for _, f in padded])
-    forward = self._cascade if self.fit == "auto" else functools.partial(self._forward,
-                                                                         self.variables)
     mask, depth = jax.device_get(forward(bg, fg_bg))
     return mask[:len(inputs), ..., 0], depth[:len(inputs), ..., 0]
 

@@ -159,7 +159,7 @@ model = models.create_model(config.model)
 size = config.data.resolution
 variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
                        jnp.zeros((1, size, size, 3)))
-predictor = predict.Predictor(model=model, variables=variables, resolution=size, batch_size=1)
+predictor = predict.Predictor(model=model, variables=variables, resolution=size)
 rng = np.random.default_rng(0)
 bg = rng.integers(0, 256, (1536, 2048, 3), np.uint8)
 mask, depth = predictor(bg, bg)
