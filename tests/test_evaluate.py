@@ -145,3 +145,33 @@ def test_bad_requests_are_one_line_errors(trained, args, message):
 def test_workdir_without_checkpoints_is_refused(tmp_path):
   with pytest.raises(SystemExit, match=f"^error: {tmp_path}/checkpoints: no checkpoints here"):
     evaluate.main([f"--workdir={tmp_path}"])
+
+
+def test_resolutions_score_scenes_rendered_at_each_size(trained, tmp_path, capsys):
+  from dmjax import predict
+  from dmjax.data import synthetic
+
+  _, workdir, _ = trained
+  output = tmp_path / "sizes.json"
+  evaluate.main([f"--workdir={workdir}", "--resolution=32,48", "--num_examples=2",
+                 f"--output={output}"])
+  assert "48" in capsys.readouterr().out
+  saved = json.loads(output.read_text())["metrics"]
+  predictor = predict.Predictor.from_workdir(workdir)
+  for size in (32, 48):
+    overlap = union = 0
+    for index in range(2):
+      scene = synthetic.render_example("test", index, resolution=size)
+      mask, _ = predictor(scene["bg"], scene["fg_bg"])
+      assert mask.shape == (size, size)  # Scored at the scene's own size.
+      truth, predicted = scene["mask"][..., 0] >= 128, mask > 0.5
+      overlap += (truth & predicted).sum()
+      union += (truth | predicted).sum()
+    assert saved[str(size)]["mask_iou"] == pytest.approx(overlap / union, abs=1e-6)
+    assert 0 <= saved[str(size)]["mask_boundary_f"] <= 1
+
+
+def test_bad_resolutions_are_one_line_errors(trained):
+  _, workdir, _ = trained
+  with pytest.raises(SystemExit, match="--resolution='192,big'"):
+    evaluate.main([f"--workdir={workdir}", "--resolution=192,big"])
