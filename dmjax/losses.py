@@ -62,6 +62,7 @@ import optax
 
 from dmjax import errors
 from dmjax.config import SSIM_FORMS
+from dmjax.models import refiner
 
 _SSIM_SIGMA = 1.5
 _SSIM_K1 = 0.01
@@ -243,8 +244,8 @@ def compute_losses(outputs: Mapping[str, jnp.ndarray], batch: Mapping[str, Any],
   depth_logits = jnp.asarray(outputs["depth"], jnp.float32)
   mask_labels = jnp.asarray(batch["mask"], jnp.float32)
   depth_labels = jnp.asarray(batch["depth"], jnp.float32)
-  if "window" in outputs:  # The outputs cover a window of each example (models.refiner).
-    crop = lambda labels: _crop_windows(labels, outputs["window"], mask_logits.shape[1:3])
+  if "window" in outputs:  # The outputs cover a square window of each example.
+    crop = lambda labels: refiner.crop_windows(labels, outputs["window"], mask_logits.shape[1])
     mask_labels, depth_labels = crop(mask_labels), crop(depth_labels)
   weight = _example_weight(batch, mask_logits.shape[0])
   per_image_dice = bool(loss_config["dice_per_image"])
@@ -288,12 +289,6 @@ def compute_losses(outputs: Mapping[str, jnp.ndarray], batch: Mapping[str, Any],
     terms["coarse"], _ = compute_losses(coarse, labels, dict(loss_config, coarse=0.0))
     total = total + coarse_weight * terms["coarse"]
   return total, terms
-
-
-def _crop_windows(labels: jnp.ndarray, corners: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
-  crop = lambda image, corner: jax.lax.dynamic_slice(
-      image, (corner[0], corner[1], 0), (*size, image.shape[-1]))
-  return jax.vmap(crop)(labels, corners)
 
 
 def _resize_labels(labels: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
