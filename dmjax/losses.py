@@ -283,18 +283,11 @@ def compute_losses(outputs: Mapping[str, jnp.ndarray], batch: Mapping[str, Any],
     # A refined model's base network (dmjax.models.refiner), against labels at its own size.
     coarse = outputs["coarse"]
     height, width = coarse["mask"].shape[1:3]
-    labels = {k: _resize_labels(batch[k], height, width) for k in ("mask", "depth")}
+    # Antialiased: each coarse label is the mean over the pixels it covers.
+    labels = {k: refiner.resize(jnp.asarray(batch[k], jnp.float32), height, width)
+              for k in ("mask", "depth")}
     if "example_weight" in batch:
       labels["example_weight"] = batch["example_weight"]
     terms["coarse"], _ = compute_losses(coarse, labels, dict(loss_config, coarse=0.0))
     total = total + coarse_weight * terms["coarse"]
   return total, terms
-
-
-def _resize_labels(labels: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
-  labels = jnp.asarray(labels, jnp.float32)
-  if labels.shape[1:3] == (height, width):
-    return labels
-  # Antialiased: each coarse label is the mean over the pixels it covers.
-  return jax.image.resize(labels, (labels.shape[0], height, width, labels.shape[3]), "linear",
-                          antialias=True)
