@@ -32,7 +32,7 @@ arguments + outputs + temporaries, from XLA's memory analysis). Measurements liv
   predict    inference (sigmoid outputs, BatchNorm in inference mode) of each of `--models` at
              batch 1 (`latency_ms`) and at `--predict_batch` (throughput), on one device
   e2e        real training: the config's training step fed by the grain pipeline (its
-             `data.num_workers`) through train.DevicePrefetcher, beside the same step on a
+             `data.num_workers`) through parallel.DevicePrefetcher, beside the same step on a
              device-resident batch in the same rounds; `e2e_over_step` below 1 means the input
              pipeline starves the device. `--e2e_modes` feeds it each way of PIPELINE_MODES
   augment    dmjax.data.device_augment alone on a device-resident stored batch: what
@@ -48,7 +48,7 @@ arguments + outputs + temporaries, from XLA's memory analysis). Measurements liv
              memory analysis at two batch sizes
   macs       XLA's multiply-accumulates of one image's inference forward pass (no timing), for
              each of `--models` at each of `--macs_resolutions`
-  photo      `dmjax.predict.Predictor` (fit=auto: the model at its working size, the refiner in
+  photo      `dmjax.inference.Predictor` (fit=auto: the model at its working size, the refiner in
              2x steps up to the photo) on one pair of each `--photo_sizes`, in a fresh process
              per size: seconds per pair after a warm-up call, the first call's (compiling), and
              that process's peak RSS; the config's model at initialisation, or `--workdir`'s
@@ -81,8 +81,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dmjax import errors, evaluation, flops, models, train
+from dmjax import errors, flops, inference, models, parallel, train
 from dmjax.data import pipeline, synthetic
+from dmjax.evaluation import evaluator
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=False)
 _WHAT = flags.DEFINE_list("what", ["step", "augment", "predict", "e2e", "pipeline", "max_batch"],
@@ -259,18 +260,18 @@ class JaxTrainer:
 
   `run(n)` dispatches n steps without waiting in between (the state is donated from one to the
   next, as in training) and waits for the last; with `batches` (global arrays, e.g. from
-  `train.DevicePrefetcher`), each step takes the next one instead, as training does.
+  `parallel.DevicePrefetcher`), each step takes the next one instead, as training does.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray]):
-    mesh = evaluation.create_mesh()
+    mesh = parallel.create_mesh()
     model = models.create_model(config.model)
     tx = train.create_optimizer(config)
-    self.sharding = evaluation.batch_sharding(mesh)
+    self.sharding = parallel.batch_sharding(mesh)
     self._state = jax.device_put(
         train.create_train_state(config, model, tx, jax.random.PRNGKey(config.seed)),
-        evaluation.replicated(mesh))
-    self.batch = evaluation.to_global(batch, self.sharding)
+        parallel.replicated(mesh))
+    self.batch = parallel.to_global(batch, self.sharding)
     step = train.make_train_step(model, tx, config.loss, mesh, train.make_preprocess(config))
     self.compiled = step.lower(self._state, self.batch).compile()
     self.batch_size = config.batch_size
@@ -485,7 +486,7 @@ def measure_predict(config: ml_collections.ConfigDict) -> Iterable[Row]:
     model = models.create_model(model_config)
     variables = jax.device_put(
         train.initial_variables(model, jax.random.PRNGKey(0), resolution))
-    predict = jax.jit(functools.partial(evaluation.predict, model))
+    predict = jax.jit(functools.partial(evaluator.predict, model))
     for batch_size in (1, _PREDICT_BATCH.value):
       images = random_batch(batch_size, resolution)
       batch = jax.device_put({"bg": images["bg"], "fg_bg": images["fg_bg"]})
@@ -562,7 +563,7 @@ def measure_e2e(config: ml_collections.ConfigDict) -> Iterable[Row]:
       trainer = JaxTrainer(run_config, next(iterator))
       resident = Runner("step", trainer.run, trainer.batch_size)
       # Fed as training feeds it: the next batches already on their way to the devices.
-      batches = train.DevicePrefetcher(iterator, trainer.sharding)
+      batches = parallel.DevicePrefetcher(iterator, trainer.sharding)
       fed = Runner("e2e", functools.partial(trainer.run, batches=batches), trainer.batch_size)
       rates = interleaved_rates([resident, fed], repeats=_REPEATS.value,
                                 repeat_seconds=_REPEAT_SECONDS.value)
@@ -603,12 +604,12 @@ def measure_augment(config: ml_collections.ConfigDict) -> Iterable[Row]:
   """`dmjax.data.device_augment` alone: what on-device augmentation adds to each step."""
   run_config = config.copy_and_resolve_references()
   run_config.data.on_device = True
-  mesh = evaluation.create_mesh()
-  sharding = evaluation.batch_sharding(mesh)
+  mesh = parallel.create_mesh()
+  sharding = parallel.batch_sharding(mesh)
   augment_batch = jax.jit(train.make_preprocess(run_config),
                           in_shardings=(sharding, None, None), out_shardings=sharding)
   size = transfer_resolution(run_config)
-  batch = evaluation.to_global(random_stored_batch(config.batch_size, size), sharding)
+  batch = parallel.to_global(random_stored_batch(config.batch_size, size), sharding)
   key = jax.random.PRNGKey(0)
   compiled = augment_batch.lower(batch, key, 0).compile()
 
@@ -714,14 +715,13 @@ def measure_render(config: ml_collections.ConfigDict) -> Iterable[Row]:
 
 
 def _photo_predictor(config_json: str, workdir: str | None):
-  from dmjax import predict  # noqa: PLC0415 (what the other rows do not need)
 
   if workdir:
-    return predict.Predictor.from_workdir(workdir, batch_size=1)
+    return inference.Predictor.from_workdir(workdir, batch_size=1)
   config = ml_collections.ConfigDict(json.loads(config_json))
   model = models.create_model(config.model)
   variables = train.initial_variables(model, jax.random.PRNGKey(0), config.data.resolution)
-  return predict.Predictor(model=model, variables=variables,
+  return inference.Predictor(model=model, variables=variables,
                            resolution=config.data.resolution, batch_size=1)
 
 

@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class UserError(ValueError):
   """A mistake in the user's settings, data or files, described in one line naming the culprit."""
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training diverged: the loss became NaN or infinite. The last good checkpoint is kept."""

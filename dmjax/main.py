@@ -1,44 +1,47 @@
-"""The main job: `python -m dmjax.main --config=configs/r64.py --workdir=DIR`.
+"""The main job: `python -m dmjax.main --config=configs/r64.py --workdir=DIR` (or `dmjax-train`).
 
 Re-running the same command resumes from the workdir's latest checkpoint. On several hosts, add
-`--distributed` (see `dmjax/distributed.py` and `launch/`).
+`--distributed` (see `dmjax.parallel.initialize` and `launch/`).
 """
 
-from absl import app, flags, logging
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from absl import flags, logging
 from ml_collections import config_flags
 
-from dmjax import distributed, errors, train
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and TensorBoard logs go.")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Join a multi-process run (also: DMJAX_DISTRIBUTED=1); SLURM, Open "
-    "MPI and Kubernetes are detected, or give the three flags below.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
-_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    "heartbeat_timeout_s", 60, "Seconds without a heartbeat after which a process counts as "
-    "dead and the others fail instead of waiting for it.")
-flags.mark_flags_as_required(["config", "workdir"])
+from dmjax import cli, parallel, train
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if distributed.requested(_DISTRIBUTED.value):
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                           heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value)
-  logging.info("Config:\n%s", _CONFIG.value)
-  try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (errors.UserError, FileNotFoundError, train.NonFiniteLossError) as e:
-    # Bad settings or files and diverged runs are the user's to fix: one line, not a traceback.
-    # Anything else is a bug, and keeps its traceback.
-    logging.debug("Traceback:", exc_info=True)
-    raise SystemExit(f"error: {e}") from None
+def define_flags(f: flags.FlagValues, argv: list[str]) -> None:
+  config_flags.DEFINE_config_file("config", None, "Training configuration file.", flag_values=f,
+                                  lock_config=True, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "Where checkpoints and TensorBoard logs go.",
+                      flag_values=f)
+  flags.DEFINE_bool(
+      "distributed", False, "Join a multi-process run (also: DMJAX_DISTRIBUTED=1); SLURM, Open "
+      "MPI and Kubernetes are detected, or give the three flags below.", flag_values=f)
+  flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.", flag_values=f)
+  flags.DEFINE_integer("num_processes", None, "Processes in the run.", flag_values=f)
+  flags.DEFINE_integer("process_id", None, "This process's index, 0-based.", flag_values=f)
+  flags.DEFINE_integer(
+      "heartbeat_timeout_s", 60, "Seconds without a heartbeat after which a process counts as "
+      "dead and the others fail instead of waiting for it.", flag_values=f)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=f)
+
+
+def train_with_flags(f: flags.FlagValues) -> None:
+  if parallel.distributed_requested(f.distributed):
+    parallel.initialize(f.coordinator_address, f.num_processes, f.process_id,
+                        heartbeat_timeout_s=f.heartbeat_timeout_s)
+  logging.info("Config:\n%s", f.config)
+  train.train_and_evaluate(f.config, f.workdir)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  cli.run(__doc__, define_flags, train_with_flags, argv, program="dmjax-train")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -8,9 +8,7 @@ global batch, so the result does not depend on how many devices share it.
 
 from __future__ import annotations
 
-import collections
 import functools
-import json
 import math
 import os
 import time
@@ -24,9 +22,20 @@ import numpy as np
 import optax
 from absl import logging
 
-from dmjax import checkpoints, errors, evaluation, losses, models, preemption, summaries, visualize
+from dmjax import (
+  checkpoints,
+  errors,
+  files,
+  losses,
+  models,
+  parallel,
+  preemption,
+  summaries,
+  visualize,
+)
 from dmjax import config as config_lib
 from dmjax.data import augment, device_augment, pipeline
+from dmjax.evaluation import baselines, evaluator
 
 
 @flax.struct.dataclass
@@ -40,10 +49,6 @@ class TrainState:
   @property
   def variables(self):
     return {"params": self.params, "batch_stats": self.batch_stats}
-
-
-class NonFiniteLossError(FloatingPointError):
-  pass
 
 
 def create_learning_rate_schedule(opt: ml_collections.ConfigDict,
@@ -139,10 +144,10 @@ def make_preprocess(config: ml_collections.ConfigDict):
 
 
 def make_train_step(model, tx, loss_config, mesh, preprocess=None):
-  replicated = evaluation.replicated(mesh)
+  replicated = parallel.replicated(mesh)
   return jax.jit(functools.partial(train_step, model=model, tx=tx, loss_config=loss_config,
                                    preprocess=preprocess),
-                 in_shardings=(replicated, evaluation.batch_sharding(mesh)),
+                 in_shardings=(replicated, parallel.batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
@@ -167,35 +172,6 @@ def load_previous_stage(state: TrainState, config) -> TrainState:
   logging.info("Starting from %s, step %d.", config.init_from, step)
   return state.replace(params=jax.device_put(variables["params"]),
                        batch_stats=jax.device_put(variables["batch_stats"]))
-
-
-class DevicePrefetcher:
-  """Keeps the next `size` batches of a host iterator on their way to the devices, so that the
-  transfer of one overlaps the steps before it.
-
-  `get_state()` is the host iterator's state after the last batch handed out, not after the
-  ones waiting here: a checkpoint resumes with the first batch its steps have not seen.
-  """
-
-  def __init__(self, iterator, sharding, size: int = 2):
-    self._iterator = iterator
-    self._sharding = sharding
-    self._size = size
-    self._queue = collections.deque()
-    self._state = iterator.get_state()
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    while len(self._queue) <= self._size:
-      batch = evaluation.to_global(next(self._iterator), self._sharding)
-      self._queue.append((batch, self._iterator.get_state()))
-    batch, self._state = self._queue.popleft()
-    return batch
-
-  def get_state(self):
-    return self._state
 
 
 class _FrozenIterator:
@@ -227,8 +203,8 @@ def check_finite(history: list[tuple[int, dict]]) -> None:
   for step, terms in history:
     if not all(math.isfinite(v) for v in terms.values()):
       shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-      raise NonFiniteLossError(f"non-finite loss at step {step}: {shown}; stopping, the last "
-                               "checkpoint is left as it was")
+      raise errors.NonFiniteLossError(f"non-finite loss at step {step}: {shown}; stopping, the "
+                                      "last checkpoint is left as it was")
 
 
 def mean_terms(history: list[tuple[int, dict]]) -> dict[str, float]:
@@ -237,8 +213,8 @@ def mean_terms(history: list[tuple[int, dict]]) -> dict[str, float]:
 
 def write_examples(writer, step: int, variables, eval_batch, model, num: int = 6) -> None:
   batch = {k: v[:num] for k, v in eval_batch.items()}
-  local = evaluation.local_copy(variables)  # The chief predicts alone.
-  mask_prob, depth_pred = jax.device_get(evaluation.predict(model, local, batch))
+  local = parallel.local_copy(variables)  # The chief predicts alone.
+  mask_prob, depth_pred = jax.device_get(evaluator.predict(model, local, batch))
   bg, fg_bg = pipeline.denormalize(batch)
   grid = visualize.example_grid(bg, fg_bg, batch["mask"], mask_prob, batch["depth"], depth_pred)
   writer.write_images(step, {"examples": grid[None]})
@@ -271,17 +247,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
   latest = manager.latest_step()
   stop = preemption.StopSignal(manager, latest or 0)
   pipeline.prepare(config)
-  mesh = evaluation.create_mesh()
+  mesh = parallel.create_mesh()
   model = models.create_model(config.model)
   tx = create_optimizer(config)
   state = jax.device_put(create_train_state(config, model, tx, jax.random.PRNGKey(config.seed)),
-                         evaluation.replicated(mesh))
+                         parallel.replicated(mesh))
   train_iter = pipeline.create_train_iterator(config)
 
   if latest is not None:
     model_item, train_item, data_restored = checkpoints.restore(
         manager, latest, model=state.variables, train=split_state(state)[1],
-        data_iterator=train_iter, sharding=evaluation.replicated(mesh))
+        data_iterator=train_iter, sharding=parallel.replicated(mesh))
     state = join_state(model_item, train_item)
     warn_about_config_changes(checkpoints.restore_config(manager, latest), config)
     if not data_restored:
@@ -301,14 +277,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
     writer.write_hparams(dict(_flatten(config.to_dict())))
 
   p_train_step = make_train_step(model, tx, config.loss, mesh, make_preprocess(config))
-  p_eval_step = evaluation.make_eval_step(model, mesh)
+  p_eval_step = evaluator.make_eval_step(model, mesh)
   schedule = create_learning_rate_schedule(config.optimizer, config.num_train_steps)
-  train_batches = DevicePrefetcher(train_iter, evaluation.batch_sharding(mesh))
+  train_batches = parallel.DevicePrefetcher(train_iter, parallel.batch_sharding(mesh))
 
   def run_eval(step: int, num_examples: int) -> dict[str, float]:
     batches = pipeline.create_eval_batches(config, config.data.eval_split, num_examples,
                                            batch_size=config.eval_batch_size)
-    results = evaluation.evaluate(p_eval_step, state.variables, batches, mesh)
+    results = evaluator.evaluate(p_eval_step, state.variables, batches, mesh)
     first = next(iter(pipeline.create_eval_batches(config, config.data.eval_split, 8,
                                                    batch_size=8, process_index=0,
                                                    process_count=1)))
@@ -374,12 +350,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
 
   logging.info("Training took %s; evaluating.", format_duration(time.time() - started))
   results = run_eval(config.num_train_steps, -1)
-  results.update(evaluation.evaluate_baselines(config, mesh, config.data.eval_split))
+  results.update(baselines.evaluate_baselines(config, mesh, config.data.eval_split))
   writer.write_scalars(config.num_train_steps,
                        {"final/" + k: v for k, v in results.items()})
   writer.flush()
   if is_chief:
-    write_json_atomically(os.path.join(workdir, "final_metrics.json"), results)
+    files.write_json(os.path.join(workdir, "final_metrics.json"), results)
     logging.info("Final held-out metrics:\n%s", format_metrics_table(results))
   manager.close()
   return results
@@ -397,13 +373,6 @@ def format_metrics_table(results: dict[str, float], keys=KEY_METRICS) -> str:
       shown = f"{baseline:>10.4f}" if baseline is not None else f"{'':>10}"
       lines.append(f"{key:<22}{results[key]:>10.4f}{shown}")
   return "\n".join(lines)
-
-
-def write_json_atomically(path: str, data: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def _flatten(d: dict, prefix: str = ""):

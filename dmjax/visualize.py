@@ -1,8 +1,9 @@
-"""Pictures of predictions: a depth colour map and grids of examples."""
+"""Pictures of predictions: a depth colour map, grids of examples, titles."""
 
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 # Anchors of a perceptually ordered dark-blue → green → yellow map (viridis-like), interpolated
 # linearly; near (0) is dark, far (1) is bright.
@@ -49,3 +50,10 @@ def example_grid(bg, fg_bg, mask, mask_pred, depth, depth_pred, *, gap: int = 2)
       top, left = row * (height + gap), col * (width + gap)
       grid[top:top + height, left:left + width] = images[row]
   return grid
+
+
+def title_strip(text: str, width: int, height: int = 16) -> np.ndarray:
+  """A white strip with `text` in black, uint8 (height, width, 3): a title over a grid."""
+  strip = Image.new("RGB", (width, height), (255, 255, 255))
+  ImageDraw.Draw(strip).text((4, 2), text, fill=(0, 0, 0))
+  return np.asarray(strip)

@@ -6,7 +6,7 @@
 For testing multi-host code on one machine (add `--cpu_devices_per_process=2` to give each
 process 2 CPU devices), and for multi-GPU boxes with one process per GPU (`--gpus_per_process=1`
 sets CUDA_VISIBLE_DEVICES for each). Each process gets DMJAX_DISTRIBUTED=1 and its coordinator
-address, process count and index in DMJAX_* variables (see dmjax/distributed.py). If one process
+address, process count and index in DMJAX_* variables (see dmjax/parallel.py). If one process
 fails, the others are stopped and this launcher exits with the failing status.
 """
 

@@ -10,7 +10,8 @@ import scipy.ndimage as ndi
 from PIL import Image
 from test_seed_layout import layout_files, write_folders
 
-from dmjax import evaluate, metrics
+from dmjax import evaluate, inference
+from dmjax.evaluation import metrics
 
 
 def reference_boundary_f(mask_prob, mask_true, radius):
@@ -148,7 +149,6 @@ def test_workdir_without_checkpoints_is_refused(tmp_path):
 
 
 def test_resolutions_score_scenes_rendered_at_each_size(trained, tmp_path, capsys):
-  from dmjax import predict
   from dmjax.data import synthetic
 
   _, workdir, _ = trained
@@ -157,7 +157,7 @@ def test_resolutions_score_scenes_rendered_at_each_size(trained, tmp_path, capsy
                  f"--output={output}"])
   assert "48" in capsys.readouterr().out
   saved = json.loads(output.read_text())["metrics"]
-  predictor = predict.Predictor.from_workdir(workdir)
+  predictor = inference.Predictor.from_workdir(workdir)
   for size in (32, 48):
     overlap = union = 0
     for index in range(2):

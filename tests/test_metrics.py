@@ -5,8 +5,8 @@ import functools
 import jax
 import numpy as np
 
-from dmjax import metrics
 from dmjax.data.schema import DEPTH_VALID_MIN
+from dmjax.evaluation import metrics
 
 DEPTH_KEYS = ("depth_mae", "depth_rmse", "depth_abs_rel", "depth_sq_rel", "depth_rmse_log",
               "depth_log10", "depth_delta1", "depth_delta2", "depth_delta3")

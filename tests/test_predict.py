@@ -10,8 +10,10 @@ import pytest
 from conftest import HIDE_TENSORFLOW
 from PIL import Image
 
-from dmjax import checkpoints, evaluation, models, predict, train
+from dmjax import checkpoints, inference, models, predict, train
 from dmjax.data import pipeline, schema
+from dmjax.evaluation import evaluator
+from dmjax.inference import predictor as predictor_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEIGHT, WIDTH = 37, 50  # Neither divisible by 16.
@@ -29,7 +31,7 @@ def workdir(tiny_data_config, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(workdir):
-  return predict.Predictor.from_workdir(workdir)
+  return inference.Predictor.from_workdir(workdir)
 
 
 def scene(seed, height=HEIGHT, width=WIDTH):
@@ -71,7 +73,7 @@ def snapshot(folder):
 
 
 def test_resize_mode_matches_the_evaluation_pipeline(workdir, tiny_data_config):
-  predictor = predict.Predictor.from_workdir(workdir, fit="resize")
+  predictor = inference.Predictor.from_workdir(workdir, fit="resize")
   # 50 × 37, not the run's 32 × 32 (nor square): the pair goes in resized as evaluation resizes
   # it, and the outputs come back bilinearly resized to 50 × 37.
   bg, fg_bg = scene(0)
@@ -80,7 +82,7 @@ def test_resize_mode_matches_the_evaluation_pipeline(workdir, tiny_data_config):
   prepare = pipeline.PrepareExample.from_config(tiny_data_config.data, augmentation=False)
   batch = {k: v[None] for k, v in prepare.random_map(example, None).items()}
   assert batch["fg_bg"].shape == (1, 32, 32, 3)
-  mask, depth = jax.device_get(evaluation.predict(predictor.model, predictor.variables, batch))
+  mask, depth = jax.device_get(evaluator.predict(predictor.model, predictor.variables, batch))
 
   def back_to_input_size(values):
     resized = Image.fromarray(np.float32(values[0, ..., 0])).resize(
@@ -121,25 +123,25 @@ def test_api_takes_any_size_dtype_channels_and_batches(predictor):
 
 
 def test_pad_mode_runs_at_the_images_own_size(workdir):
-  padded = predict.Predictor.from_workdir(workdir, fit="pad", batch_size=2)
+  padded = inference.Predictor.from_workdir(workdir, fit="pad", batch_size=2)
   bg, fg_bg = scene(4)
   mask, depth = padded(bg, fg_bg)
   assert mask.shape == (HEIGHT, WIDTH)
   # The model at 48 × 64 (the next multiples of 16) on edge-padded inputs, cropped back.
-  inputs = {k: schema.normalize_photo(predict._pad_to_multiple(x, 16), k)[None]
+  inputs = {k: schema.normalize_photo(predictor_lib._pad_to_multiple(x, 16), k)[None]
             for k, x in (("bg", bg), ("fg_bg", fg_bg))}
-  full = evaluation.predict(padded.model, padded.variables, inputs)
+  full = evaluator.predict(padded.model, padded.variables, inputs)
   np.testing.assert_allclose(mask, np.asarray(full[0])[0, :HEIGHT, :WIDTH, 0], atol=1e-5)
 
 
 def test_reads_16_bit_grayscale_and_palette_images(tmp_path):
   gray = np.linspace(0, 65535, 6 * 7).reshape(6, 7).astype(np.uint16)
   Image.fromarray(gray).save(tmp_path / "deep.png")
-  np.testing.assert_array_equal(predict.read_image(str(tmp_path / "deep.png")),
+  np.testing.assert_array_equal(inference.read_image(str(tmp_path / "deep.png")),
                                 np.repeat(np.round(gray / 257.0)[..., None], 3, axis=-1))
   rgb = scene(15, 6, 7)[1]
   Image.fromarray(rgb).convert("P").save(tmp_path / "palette.gif")
-  assert predict.read_image(str(tmp_path / "palette.gif")).shape == (6, 7, 3)
+  assert inference.read_image(str(tmp_path / "palette.gif")).shape == (6, 7, 3)
 
 
 def test_one_pair_of_files_writes_every_output(workdir, predictor, tmp_path):
@@ -151,7 +153,7 @@ def test_one_pair_of_files_writes_every_output(workdir, predictor, tmp_path):
                   f"--out={out}", "--overlay") is None
   assert sorted(os.listdir(out)) == ["shot_depth.png", "shot_depth_color.png", "shot_mask.png",
                                      "shot_overlay.png"]
-  expected = predictor(predict.read_image(bg_path), predict.read_image(fg_bg_path))
+  expected = predictor(inference.read_image(bg_path), inference.read_image(fg_bg_path))
   mode, mask = read(out / "shot_mask.png")
   assert mode == "L" and mask.shape == (HEIGHT, WIDTH)
   np.testing.assert_array_equal(mask, np.round(expected.mask * 255))

@@ -11,7 +11,8 @@ import pytest
 from conftest import REPO
 
 from dmjax import config as config_lib
-from dmjax import losses, models, predict
+from dmjax import inference, losses, models
+from dmjax.inference import predictor as predictor_lib
 from dmjax.models import refiner
 
 
@@ -45,12 +46,12 @@ def _disc_pair(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndar
   return bg.astype(np.uint8), fg_bg.astype(np.uint8), inside
 
 
-def _difference_predictor(fit="auto", base_resolution=32) -> predict.Predictor:
+def _difference_predictor(fit="auto", base_resolution=32) -> inference.Predictor:
   model = refiner.Refined(base=DifferenceNet(), features=4)
   size = 2 * base_resolution
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
                          jnp.zeros((1, size, size, 3)))
-  return predict.Predictor(model=model, variables=variables, resolution=size, fit=fit)
+  return inference.Predictor(model=model, variables=variables, resolution=size, fit=fit)
 
 
 def _iou(a, b):
@@ -76,7 +77,7 @@ def test_same_scene_at_two_sizes_gives_the_same_mask():
   small, _ = predictor(small_bg, small_fg_bg)
   large, _ = predictor(large_bg, large_fg_bg)
   assert small.shape == (96, 160) and large.shape == (384, 640)
-  large_at_small = predict._resize_map(large, (160, 96))
+  large_at_small = predictor_lib._resize_map(large, (160, 96))
   assert _iou(small > 0.5, large_at_small > 0.5) >= 0.9
   assert _iou(small > 0.5, small_truth) >= 0.9  # And both are right, not both empty.
 
@@ -153,13 +154,13 @@ def test_large_photo_stays_under_the_memory_bound():
   """A 2048 × 1536 pair through the default model's cascade, in a fresh process."""
   script = """
 import numpy as np, jax, jax.numpy as jnp
-from dmjax import config as config_lib, models, predict
+from dmjax import config as config_lib, inference, models
 config = config_lib.stage_config(64, None)
 model = models.create_model(config.model)
 size = config.data.resolution
 variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
                        jnp.zeros((1, size, size, 3)))
-predictor = predict.Predictor(model=model, variables=variables, resolution=size)
+predictor = inference.Predictor(model=model, variables=variables, resolution=size)
 rng = np.random.default_rng(0)
 bg = rng.integers(0, 256, (1536, 2048, 3), np.uint8)
 mask, depth = predictor(bg, bg)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dmjax import config as config_lib
-from dmjax import evaluation, models, train
+from dmjax import models, parallel, train
 from dmjax.data import schema
 from dmjax.models import layers, two_stage, u2netp_dual, unet_dual
 
@@ -155,7 +155,7 @@ def test_one_training_step_with_the_models_own_recipe(name):
            "mask": rng.random((2, 32, 32, 1)) > 0.7, "depth": rng.random((2, 32, 32, 1))}
   batch = {k: v.astype(np.float32) for k, v in batch.items()}
   before = jax.tree.map(np.array, state.params)  # The step donates the state it is given.
-  step = train.make_train_step(model, tx, config.loss, evaluation.create_mesh())
+  step = train.make_train_step(model, tx, config.loss, parallel.create_mesh())
   new_state, terms = step(state, batch)
   expected_terms = {"unet_dual": {"mask_bce", "mask_iou", "depth_l1", "depth_ssim",
                                   "depth_sobel_edge"},

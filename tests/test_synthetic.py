@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from dmjax.data import baselines, schema, synthetic
+from dmjax.data import schema, synthetic
+from dmjax.evaluation import baselines
 
 RESOLUTION = 48
 # Shots that differ only by the object and its shadow: no misalignment, noise, blur, lighting

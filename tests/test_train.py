@@ -14,7 +14,7 @@ import pytest
 from conftest import copy_of, relative_update_difference
 from conftest import tiny_run_config as tiny
 
-from dmjax import checkpoints, summaries, train
+from dmjax import checkpoints, errors, summaries, train
 
 metric_writers = summaries.metric_writers()  # CLU's, importable without TensorFlow too.
 
@@ -166,7 +166,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_data_config, tmp_p
   config = tiny(tiny_data_config, num_train_steps=40, checkpoint_every_steps=1,
                 **{"optimizer.name": "sgd", "optimizer.learning_rate": 1e12,
                    "optimizer.grad_clip_norm": 0.0, "optimizer.schedule": "step"})
-  with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss at step \d+: .*mask_bce="):
+  with pytest.raises(errors.NonFiniteLossError, match=r"non-finite loss at step \d+: .*mask_bce="):
     train.train_and_evaluate(config, str(tmp_path), writer=RecordingWriter())
   _, variables, step = checkpoints.restore_model(str(tmp_path))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
@@ -204,15 +204,15 @@ def test_intervals_of_zero_mean_never(tiny_data_config, tmp_path):
 
 def losses_on_one_batch(config, batch, num_steps):
   """The total loss at each of `num_steps` steps that all train on `batch`, and the final state."""
-  from dmjax import evaluation, models
+  from dmjax import models, parallel
 
-  mesh = evaluation.create_mesh()
+  mesh = parallel.create_mesh()
   model = models.create_model(config.model)
   tx = train.create_optimizer(config)
   state = jax.device_put(train.create_train_state(config, model, tx, jax.random.PRNGKey(0)),
-                         evaluation.replicated(mesh))
+                         parallel.replicated(mesh))
   step = train.make_train_step(model, tx, config.loss, mesh)
-  batch = evaluation.to_global(batch, evaluation.batch_sharding(mesh))
+  batch = parallel.to_global(batch, parallel.batch_sharding(mesh))
   totals = []
   for _ in range(num_steps):
     state, terms = step(state, batch)

@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from dmjax import files
 from dmjax.data import schema, synthetic
 
 _OUT = flags.DEFINE_string("out", None, "Folder to write the layout to (created if missing).")
@@ -47,7 +48,7 @@ def seed_style_files(background: int, count: int, resolution: int) -> dict[str, 
   """{relative path: JPEG bytes} of background `background` (1-based) and its composites."""
   room = background - 1
   bg = synthetic.render_example("train", room, resolution=resolution, realism=PASTED)["bg"]
-  files = {f"bg/room_{background:03d}.jpg": _jpeg(bg)}
+  contents = {f"bg/room_{background:03d}.jpg": _jpeg(bg)}
   for i in range(count):
     scene = synthetic.render_example("train", room + synthetic.NUM_ROOMS["train"] * i,
                                      resolution=resolution, realism=PASTED)
@@ -55,10 +56,10 @@ def seed_style_files(background: int, count: int, resolution: int) -> dict[str, 
     fg_bg = np.round(bg * (1 - alpha) + scene["fg_bg"] * alpha).astype(np.uint8)
     depth = np.round(scene["depth"][..., 0] / schema.DEPTH_MAX_CODE * 255).astype(np.uint8)
     name = f"b{background:03d}_f001_{i}.jpg"
-    files[f"bg_fg/bgfg_{name}"] = _jpeg(fg_bg)
-    files[f"mask/mask_{name}"] = _jpeg(scene["mask"][..., 0])
-    files[f"depth/densedepth_{name}"] = _jpeg(depth, quality=75)
-  return files
+    contents[f"bg_fg/bgfg_{name}"] = _jpeg(fg_bg)
+    contents[f"mask/mask_{name}"] = _jpeg(scene["mask"][..., 0])
+    contents[f"depth/densedepth_{name}"] = _jpeg(depth, quality=75)
+  return contents
 
 
 def main(argv):
@@ -72,9 +73,8 @@ def main(argv):
       if os.path.exists(path) and not _OVERWRITE.value:
         raise SystemExit(f"error: {path}: exists; pass --overwrite to replace it")
       os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path + ".tmp", "wb") as f:
+      with files.atomic_open(path) as f:
         f.write(data)
-      os.replace(path + ".tmp", path)
     print(f"\rwrite_seed_layout: {background}/{_NUM_BACKGROUNDS.value} backgrounds", end="",
           file=sys.stderr, flush=True)
   print(file=sys.stderr)

@@ -1,4 +1,6 @@
-"""Trivial baselines that a learned model has to beat, fitted in one pass over numpy batches.
+"""Trivial baselines that a learned model has to beat, fitted in one pass over numpy batches:
+the |fg_bg − bg| threshold (`DifferenceMaskBaseline`) and the mean depth map (`MeanDepthBaseline`),
+and their evaluation beside a model's (`evaluate_baselines`).
 
 Inputs are float arrays in [0, 1] of shape (B, H, W, C), as in `dmjax.data.schema` but before
 normalisation. Both baselines serialise to plain JSON-able dicts so they can be stored beside a
@@ -7,10 +9,17 @@ run and reloaded without refitting.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import jax
 import numpy as np
+from jax.sharding import Mesh
+
+from dmjax import parallel
+from dmjax.data import pipeline
+from dmjax.evaluation import evaluator
+from dmjax.evaluation import metrics as metrics_lib
 
 DEFAULT_NUM_THRESHOLDS = 64
 
@@ -146,3 +155,60 @@ class MeanDepthBaseline:
     if state.get("type") != "mean_depth":
       raise ValueError(f"not a MeanDepthBaseline state: type={state.get('type')!r}")
     return cls(state["mean"])
+
+
+# ---- Fitted on a run's training data and evaluated like a model.
+
+
+def fit_baselines(config, num_examples: int = 512):
+  """Fits the |fg_bg − bg| threshold and the mean depth map on (unaugmented) training data.
+
+  Every process reads the same examples, so all of them fit the same baselines.
+  """
+  batches = pipeline.create_eval_batches(config, "train", num_examples, process_index=0,
+                                         process_count=1)
+  batches = [_unpadded(b) for b in batches]
+  mask_baseline = DifferenceMaskBaseline()
+  mask_baseline.fit([(*pipeline.denormalize(b), b["mask"]) for b in batches])
+  depth_baseline = MeanDepthBaseline()
+  depth_baseline.fit([b["depth"] for b in batches])
+  return mask_baseline, depth_baseline
+
+
+def _unpadded(batch: dict) -> dict:
+  keep = batch["example_weight"] > 0
+  return {k: v[keep] for k, v in batch.items()}
+
+
+def with_baseline_predictions(batches: Iterable[dict], mask_baseline,
+                              depth_baseline) -> Iterator[dict]:
+  """Adds the baselines' `mask_prob` and `depth_pred` to each batch (they see [0, 1] images)."""
+  for batch in batches:
+    bg, fg_bg = pipeline.denormalize(batch)
+    yield dict(batch, mask_prob=mask_baseline.predict(bg, fg_bg).astype(np.float32),
+               depth_pred=depth_baseline.predict(len(bg)).astype(np.float32))
+
+
+def evaluate_baselines(config, mesh: Mesh, split: str, num_examples: int = -1, *,
+                       wrap_step: Callable[[Callable], Callable] | None = None) -> dict[str, float]:
+  """Fits both baselines on training data and evaluates them on `split` (`baseline_` keys).
+
+  `wrap_step`, if given, wraps the jitted step, e.g. to look at each batch's predictions.
+  """
+  mask_baseline, depth_baseline = fit_baselines(config)
+  batches = pipeline.create_eval_batches(config, split, num_examples,
+                                         batch_size=config.eval_batch_size)
+  step = make_baseline_step(mesh)
+  return evaluator.evaluate(wrap_step(step) if wrap_step else step, None,
+                  with_baseline_predictions(batches, mask_baseline, depth_baseline), mesh,
+                  prefix="baseline_")
+
+
+def baseline_step(_, batch) -> metrics_lib.EvalMetrics:
+  return metrics_lib.compute_metrics(batch["mask_prob"], batch["depth_pred"], batch)
+
+
+def make_baseline_step(mesh: Mesh) -> Callable:
+  return jax.jit(baseline_step,
+                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+                 out_shardings=parallel.replicated(mesh))

@@ -101,7 +101,7 @@ class SumRatio(clu_metrics.Metric):
 
   @classmethod
   def from_model_output(cls, *args, **kwargs):
-    raise NotImplementedError("built from sums by dmjax.metrics.compute_metrics")
+    raise NotImplementedError("built from sums by compute_metrics")
 
   def merge(self, other):
     return type(self)(numerator=self.numerator + other.numerator,
