@@ -3,8 +3,9 @@
   python -m dmjax.main --config=configs/r112.py --workdir=workdirs/r112 \
       --config.init_from=workdirs/r64
 
-A fresh optimizer and schedule (the seed kept decaying its rate across stages to ≈ 1e-8).
-Variants as in configs/r64.py: data=synthetic|seed, recipe=default|seed, schedule=cpu|full.
+A fresh optimizer and schedule (the original kept decaying its rate across stages to ≈ 1e-8).
+Variants as in configs/r64.py: data=synthetic|original, recipe=default|original,
+schedule=cpu|full.
 """
 
 from dmjax import config as dmjax_config

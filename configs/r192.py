@@ -1,10 +1,10 @@
-"""Stage 3 of progressive resizing, 192 × 192 (the seed data's own size), from stage 2.
+"""Stage 3 of progressive resizing, 192 × 192 (the original data's own size), from stage 2.
 
   python -m dmjax.main --config=configs/r192.py --workdir=workdirs/r192 \
       --config.init_from=workdirs/r112
 
-A fresh optimizer and schedule. Variants as in configs/r64.py: data=synthetic|seed,
-recipe=default|seed, schedule=cpu|full.
+A fresh optimizer and schedule. Variants as in configs/r64.py: data=synthetic|original,
+recipe=default|original, schedule=cpu|full.
 """
 
 from dmjax import config as dmjax_config

@@ -7,7 +7,7 @@ depthmasknet_v2 at 64 px inside a refined model at 128 px (dmjax.models.refiner)
 reaching on the held-out rooms mask IoU 0.86 at 128 px (|fg_bg - bg| baseline: 0.51) and depth
 RMSE 0.095 (training-mean baseline: 0.122; 0.056 against 0.092 after scale-and-shift alignment);
 at other photo sizes see README "Photos of any size". Variants, e.g.
-`configs/r64.py:data=seed,recipe=seed,schedule=full` (see `dmjax.config.stage_config`).
+`configs/r64.py:data=original,recipe=original,schedule=full` (see `dmjax.config.stage_config`).
 """
 
 from dmjax import config as dmjax_config

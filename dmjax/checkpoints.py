@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dmjax import config as config_lib
 from dmjax import errors
 
 ITEMS = ("model", "train", "data", "config")
@@ -155,9 +156,9 @@ def restore(manager: ocp.CheckpointManager, step: int, *, model, train=None, dat
 
 
 def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
-  """The config a checkpoint was saved with."""
+  """The config a checkpoint was saved with, in today's keys (`config.upgrade_saved`)."""
   restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return ml_collections.ConfigDict(restored["config"])
+  return config_lib.upgrade_saved(restored["config"])
 
 
 def restore_model(workdir: str, step: int | None = None):
@@ -183,7 +184,7 @@ def restore_model(workdir: str, step: int | None = None):
   restored = manager.restore(step, args=ocp.args.Composite(
       model=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
   manager.close()
-  config = ml_collections.ConfigDict(restored["config"])
+  config = config_lib.upgrade_saved(restored["config"])
   variables = jax.tree.map(np.asarray, restored["model"])
   return config, variables, step
 

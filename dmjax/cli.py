@@ -15,23 +15,30 @@ from collections.abc import Callable, Sequence
 
 from absl import flags, logging
 
-from dmjax import errors
+from dmjax import errors, parallel, progress
 
 # The user's to fix, and reported on one line; anything else is a bug and keeps its traceback.
 USER_ERRORS = (errors.UserError, FileNotFoundError, errors.NonFiniteLossError)
 
 
-def _start_logging() -> None:
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+def _start_logging(info_logs: bool) -> None:
   logging.use_absl_handler()
-  if logging.get_verbosity() > logging.INFO:
+  # absl's default shows warnings only; a command that reports its progress in its log (training,
+  # the benchmark) shows INFO too, as under `absl.app.run`, unless --verbosity says otherwise.
+  if info_logs and not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.INFO)
+
+
+def _one_line(message: str) -> str:
+  """A multi-line error (a config file's traceback, say) as its first and last lines."""
+  message = message.replace(f"{errors.UserError.__module__}.UserError: ", "")
+  lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+  return lines[0] if len(lines) < 2 else f"{lines[0].rstrip(':')}: {lines[-1]}"
 
 
 def run(doc: str, define_flags: Callable[[flags.FlagValues, list[str]], None],
         main: Callable[[flags.FlagValues], None], argv: Sequence[str] | None = None,
-        *, program: str) -> None:
+        *, program: str, info_logs: bool = False) -> None:
   """Parses `argv` (default: the command line, without the program) and calls `main(flags)`.
 
   `define_flags(flag_values, argv)` defines the command's flags; `argv` is what a config flag
@@ -50,10 +57,20 @@ def run(doc: str, define_flags: Callable[[flags.FlagValues, list[str]], None],
   try:
     rest = flag_values(argv)
   except flags.Error as e:
-    raise SystemExit(f"error: {e} (see {program} --help)") from None
+    raise SystemExit(f"error: {_one_line(str(e))} (see {program} --help)") from None
+  except AttributeError as e:  # A --config.KEY override of a key the config does not have.
+    raise SystemExit(f"error: a --config.KEY override: the config has no key {e} (see "
+                     f"{program} --help)") from None
+  for name in flag_values:
+    error = getattr(flag_values[name].value, "_error", None)  # A config file that did not load.
+    if isinstance(error, Exception):
+      raise SystemExit(f"error: --{name}={flag_values[name].serialize().split('=', 1)[-1]}: "
+                       f"{_one_line(str(error))}")
   if len(rest) > 1:
     raise SystemExit(f"error: unexpected arguments {rest[1:]} (see {program} --help)")
-  _start_logging()
+  _start_logging(info_logs)
+  if not parallel.distributed_requested(getattr(flag_values, "distributed", False)):
+    progress.device_banner()  # A multi-process run must first join (dmjax.main), then look.
   try:
     main(flag_values)
   except USER_ERRORS as e:

@@ -31,7 +31,8 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from dmjax import cli, errors, files, inference, train
+from dmjax import cli, errors, files, inference
+from dmjax.evaluation import metrics as metrics_lib
 from dmjax.evaluation import resolutions as resolutions_lib
 from dmjax.evaluation import split as split_lib
 
@@ -97,7 +98,7 @@ def evaluate_split(f: flags.FlagValues) -> None:
   model_keys = [k for k in result.metrics if not k.startswith("baseline_")]
   print(f"{f.workdir} step {result.step}, {result.split} split, "
         f"{result.tally.num_seen} examples:")
-  print(train.format_metrics_table(result.metrics, keys=model_keys))
+  print(metrics_lib.format_table(result.metrics, keys=model_keys))
   print(f"Wrote {output}" + (f" and {sheet_path}" if result.tally.worst is not None else ""))
 
 

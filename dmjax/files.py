@@ -4,6 +4,7 @@ next run after a crash) sees the old file or the new one, never half of one."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -31,6 +32,14 @@ def write_json(path: str, data: dict) -> None:
     json.dump(data, f, indent=2, sort_keys=True)
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+  """An image (uint8 or uint16; (H, W), (H, W, 1), (H, W, 3)) as PNG bytes."""
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image).save(
+      buffer, format="PNG")
+  return buffer.getvalue()
+
+
 def write_png(path: str, image: np.ndarray) -> None:
   with atomic_open(path) as f:
-    Image.fromarray(image).save(f, format="PNG")
+    f.write(png_bytes(image))

@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dmjax import errors
+from dmjax import errors, reductions
 from dmjax.config import SSIM_FORMS
 from dmjax.models import refiner
 
@@ -84,40 +84,22 @@ def _example_weight(batch: Mapping[str, Any], batch_size: int) -> jnp.ndarray:
   return jnp.asarray(weight, jnp.float32).reshape((batch_size,))
 
 
-def _per_image_mean(values: jnp.ndarray) -> jnp.ndarray:
-  return jnp.mean(values, axis=tuple(range(1, values.ndim)))
-
-
-def _per_image_sum(values: jnp.ndarray) -> jnp.ndarray:
-  return jnp.sum(values, axis=tuple(range(1, values.ndim)))
-
-
-def _mask_out(per_example: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
-  """Multiplies by the weight, with `where` so a NaN in a padding example cannot leak through."""
-  return jnp.where(weight > 0, weight * per_example, 0.0)
-
-
-def _weighted_mean(per_example: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
-  total_weight = jnp.sum(jnp.where(weight > 0, weight, 0.0))
-  return jnp.sum(_mask_out(per_example, weight)) / jnp.maximum(total_weight, 1e-12)
-
-
 def bce_loss(logits: jnp.ndarray, labels: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
   """Mean binary cross-entropy between sigmoid(logits) and (possibly soft) labels."""
   per_pixel = optax.losses.sigmoid_binary_cross_entropy(logits, labels)
-  return _weighted_mean(_per_image_mean(per_pixel), weight)
+  return reductions.weighted_mean(reductions.per_image_mean(per_pixel), weight)
 
 
 def dice_loss(probs: jnp.ndarray, labels: jnp.ndarray, weight: jnp.ndarray,
               per_image: bool, smooth: float = 1.0) -> jnp.ndarray:
   """1 - (2 Σ p t + smooth) / (Σ p + Σ t + smooth), over the batch or averaged per image."""
-  intersection = _per_image_sum(probs * labels)
-  cardinality = _per_image_sum(probs) + _per_image_sum(labels)
+  intersection = reductions.per_image_sum(probs * labels)
+  cardinality = reductions.per_image_sum(probs) + reductions.per_image_sum(labels)
   if per_image:
     per_example = 1.0 - (2.0 * intersection + smooth) / (cardinality + smooth)
-    return _weighted_mean(per_example, weight)
-  intersection = jnp.sum(_mask_out(intersection, weight))
-  cardinality = jnp.sum(_mask_out(cardinality, weight))
+    return reductions.weighted_mean(per_example, weight)
+  intersection = reductions.weighted_sum(intersection, weight)
+  cardinality = reductions.weighted_sum(cardinality, weight)
   return 1.0 - (2.0 * intersection + smooth) / (cardinality + smooth)
 
 
@@ -142,7 +124,7 @@ def ssim_loss(pred: jnp.ndarray, target: jnp.ndarray, weight: jnp.ndarray, windo
     dissimilarity = jnp.clip(1.0 - ssim_map, 0.0, 1.0) / 2.0
   else:
     dissimilarity = jnp.clip((1.0 - ssim_map) / 2.0, 0.0, 1.0)
-  return _weighted_mean(_per_image_mean(dissimilarity), weight)
+  return reductions.weighted_mean(reductions.per_image_mean(dissimilarity), weight)
 
 
 def image_gradients(images: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -157,17 +139,17 @@ def edge_loss(pred: jnp.ndarray, target: jnp.ndarray, weight: jnp.ndarray) -> jn
   pred_dy, pred_dx = image_gradients(pred)
   target_dy, target_dx = image_gradients(target)
   per_pixel = jnp.abs(pred_dy - target_dy) + jnp.abs(pred_dx - target_dx)
-  return _weighted_mean(_per_image_mean(per_pixel), weight)
+  return reductions.weighted_mean(reductions.per_image_mean(per_pixel), weight)
 
 
 def l1_loss(pred: jnp.ndarray, target: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
-  return _weighted_mean(_per_image_mean(jnp.abs(pred - target)), weight)
+  return reductions.weighted_mean(reductions.per_image_mean(jnp.abs(pred - target)), weight)
 
 
 def iou_loss(probs: jnp.ndarray, labels: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
   """1 - (Σ p t + smooth) / (Σ p + Σ t - Σ p t + smooth), sums over the whole batch."""
-  intersection = jnp.sum(_mask_out(_per_image_sum(probs * labels), weight))
-  total = jnp.sum(_mask_out(_per_image_sum(probs + labels), weight))
+  intersection = reductions.weighted_sum(reductions.per_image_sum(probs * labels), weight)
+  total = reductions.weighted_sum(reductions.per_image_sum(probs + labels), weight)
   return 1.0 - (intersection + _IOU_SMOOTH) / (total - intersection + _IOU_SMOOTH)
 
 
@@ -194,7 +176,7 @@ def sobel_edge_loss(pred: jnp.ndarray, target: jnp.ndarray, weight: jnp.ndarray)
   pred_gx, pred_gy = sobel(pred, "edge", normalized=True)
   target_gx, target_gy = sobel(target, "edge", normalized=True)
   per_pixel = jnp.abs(pred_gx - target_gx) + jnp.abs(pred_gy - target_gy)
-  return _weighted_mean(_per_image_mean(per_pixel), weight)
+  return reductions.weighted_mean(reductions.per_image_mean(per_pixel), weight)
 
 
 def hu_depth_loss(pred: jnp.ndarray, target: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
@@ -205,11 +187,11 @@ def hu_depth_loss(pred: jnp.ndarray, target: jnp.ndarray, weight: jnp.ndarray) -
   # n = (-Gx, -Gy, 1); |n| >= 1, so the cosine needs no epsilon.
   dot = pred_gx * target_gx + pred_gy * target_gy + 1.0
   norms = jnp.sqrt((pred_gx**2 + pred_gy**2 + 1.0) * (target_gx**2 + target_gy**2 + 1.0))
-  per_example = (_per_image_mean(log_error(pred, target))
-                 + _per_image_mean(log_error(pred_gx, target_gx))
-                 + _per_image_mean(log_error(pred_gy, target_gy))
-                 + _per_image_mean(jnp.abs(1.0 - dot / norms)))
-  return _weighted_mean(per_example, weight)
+  per_example = (reductions.per_image_mean(log_error(pred, target))
+                 + reductions.per_image_mean(log_error(pred_gx, target_gx))
+                 + reductions.per_image_mean(log_error(pred_gy, target_gy))
+                 + reductions.per_image_mean(jnp.abs(1.0 - dot / norms)))
+  return reductions.weighted_mean(per_example, weight)
 
 
 def side_bce_loss(outputs: Mapping[str, jnp.ndarray], batch: Mapping[str, Any],

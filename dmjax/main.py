@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from absl import flags, logging
 from ml_collections import config_flags
 
-from dmjax import cli, parallel, train
+from dmjax import cli, parallel, progress, train
 
 
 def define_flags(f: flags.FlagValues, argv: list[str]) -> None:
@@ -35,12 +35,14 @@ def train_with_flags(f: flags.FlagValues) -> None:
   if parallel.distributed_requested(f.distributed):
     parallel.initialize(f.coordinator_address, f.num_processes, f.process_id,
                         heartbeat_timeout_s=f.heartbeat_timeout_s)
+    progress.device_banner()  # Only now: asking JAX for devices before joining breaks the join.
   logging.info("Config:\n%s", f.config)
   train.train_and_evaluate(f.config, f.workdir)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  cli.run(__doc__, define_flags, train_with_flags, argv, program="dmjax-train")
+  cli.run(__doc__, define_flags, train_with_flags, argv, program="dmjax-train",
+          info_logs=True)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+
 """CLU's metric writers, writing TensorBoard event files with or without TensorFlow.
 
 CLU's `metric_writers` package imports its TensorFlow summary writer as the package loads (clu
@@ -31,7 +32,8 @@ from typing import Any
 
 import numpy as np
 from absl import logging
-from PIL import Image
+
+from dmjax import files
 
 _CLU_TF_WRITER = "clu.metric_writers.summary_writer"
 
@@ -78,9 +80,7 @@ def png_bytes(image: np.ndarray) -> bytes:
     image = np.round(np.clip(np.asarray(image, np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
   if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
     raise ValueError(f"an image must be (H, W, 1|3|4), got {image.shape}")
-  buffer = io.BytesIO()
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
-  return buffer.getvalue()
+  return files.png_bytes(image)
 
 
 def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:

@@ -30,12 +30,15 @@ from dmjax import (
   models,
   parallel,
   preemption,
+  progress,
   summaries,
   visualize,
 )
 from dmjax import config as config_lib
-from dmjax.data import augment, device_augment, pipeline
+from dmjax.data import augment, pipeline
 from dmjax.evaluation import baselines, evaluator
+from dmjax.evaluation import metrics as metrics_lib
+from dmjax.models import layers
 
 
 @flax.struct.dataclass
@@ -95,8 +98,9 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
 
 
 def initial_variables(model, rng: jax.Array, resolution: int):
-  if resolution % 16:
-    raise errors.UserError(f"config.data.resolution={resolution}: must be divisible by 16")
+  if resolution % layers.SIZE_MULTIPLE:
+    raise errors.UserError(f"config.data.resolution={resolution}: must be divisible by "
+                           f"{layers.SIZE_MULTIPLE}")
   images = jnp.zeros((1, resolution, resolution, 3), jnp.float32)
   return model.init(rng, images, images, train=False)
 
@@ -113,7 +117,7 @@ def train_step(state: TrainState, batch, *, model, tx, loss_config, preprocess=N
   """One optimisation step on a global batch; returns the new state and the loss terms.
 
   `preprocess(batch, key, step)`, if given, turns the batch the host sent into model inputs
-  (`dmjax.data.device_augment`).
+  (`dmjax.data.augment`).
   """
   if preprocess is not None:
     batch = preprocess(batch, state.rng, state.step)
@@ -131,16 +135,6 @@ def train_step(state: TrainState, batch, *, model, tx, loss_config, preprocess=N
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             batch_stats=batch_stats, opt_state=opt_state)
   return new_state, dict(terms, grad_norm=optax.global_norm(grads))
-
-
-def make_preprocess(config: ml_collections.ConfigDict):
-  """The on-device augmentation `config.data.on_device` asks for, or None."""
-  if not config.data.on_device:
-    return None
-  return functools.partial(
-      device_augment.augment_batch, resolution=config.data.resolution,
-      settings=augment.AugmentSettings.from_config(config.data.augment),
-      binarize_mask=bool(config.data.binarize_mask))
 
 
 def make_train_step(model, tx, loss_config, mesh, preprocess=None):
@@ -225,11 +219,6 @@ def is_due(step: int, every: int) -> bool:
   return every > 0 and step % every == 0
 
 
-def format_duration(seconds: float) -> str:
-  seconds = int(seconds)
-  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict:
   """Trains (resuming from the workdir's latest checkpoint) and returns the final metrics."""
   config_lib.validate(config)
@@ -276,7 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
   else:
     writer.write_hparams(dict(_flatten(config.to_dict())))
 
-  p_train_step = make_train_step(model, tx, config.loss, mesh, make_preprocess(config))
+  p_train_step = make_train_step(model, tx, config.loss, mesh,
+                                 augment.make_preprocess(config))
   p_eval_step = evaluator.make_eval_step(model, mesh)
   schedule = create_learning_rate_schedule(config.optimizer, config.num_train_steps)
   train_batches = parallel.DevicePrefetcher(train_iter, parallel.batch_sharding(mesh))
@@ -329,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
         eta = (config.num_train_steps - step) / max(rate, 1e-9)
         logging.info("step %d/%d  loss %.4f  %.2f steps/s  %.0f images/s  ETA %s", step,
                      config.num_train_steps, scalars["train/total"], rate,
-                     rate * config.batch_size, format_duration(eta))
+                     rate * config.batch_size, progress.format_duration(eta))
         history, window_start, window_step = [], time.time(), step
       if is_due(step, config.eval_every_steps) and not last and not stopping:
         run_eval(step, config.data.num_eval_examples)
@@ -348,7 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
     train_iter.close()  # Its worker processes, if any, are not needed for evaluation.
     manager.wait_until_finished()
 
-  logging.info("Training took %s; evaluating.", format_duration(time.time() - started))
+  logging.info("Training took %s; evaluating.", progress.format_duration(time.time() - started))
   results = run_eval(config.num_train_steps, -1)
   results.update(baselines.evaluate_baselines(config, mesh, config.data.eval_split))
   writer.write_scalars(config.num_train_steps,
@@ -356,23 +346,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
   writer.flush()
   if is_chief:
     files.write_json(os.path.join(workdir, "final_metrics.json"), results)
-    logging.info("Final held-out metrics:\n%s", format_metrics_table(results))
+    logging.info("Final held-out metrics:\n%s", metrics_lib.format_table(results))
   manager.close()
   return results
-
-
-KEY_METRICS = ("mask_iou", "mask_dice", "depth_rmse", "depth_rmse_aligned", "depth_abs_rel",
-               "depth_delta1", "checkerboard")
-
-
-def format_metrics_table(results: dict[str, float], keys=KEY_METRICS) -> str:
-  lines = [f"{'metric':<22}{'model':>10}{'baseline':>10}"]
-  for key in keys:
-    if key in results:
-      baseline = results.get("baseline_" + key)
-      shown = f"{baseline:>10.4f}" if baseline is not None else f"{'':>10}"
-      lines.append(f"{key:<22}{results[key]:>10.4f}{shown}")
-  return "\n".join(lines)
 
 
 def _flatten(d: dict, prefix: str = ""):

@@ -35,6 +35,19 @@ def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
   return np.round(image * 255).astype(np.uint8)
 
 
+def tile_grid(rows: list[list[np.ndarray]], *, gap: int = 2) -> np.ndarray:
+  """Images (uint8 (H, W, 3), all the same size) laid out in rows, `gap` white pixels apart."""
+  height, width, _ = rows[0][0].shape
+  columns = max(len(row) for row in rows)
+  grid = np.full((len(rows) * (height + gap) - gap, columns * (width + gap) - gap, 3), 255,
+                 np.uint8)
+  for r, row in enumerate(rows):
+    for c, image in enumerate(row):
+      top, left = r * (height + gap), c * (width + gap)
+      grid[top:top + height, left:left + width] = image
+  return grid
+
+
 def example_grid(bg, fg_bg, mask, mask_pred, depth, depth_pred, *, gap: int = 2) -> np.ndarray:
   """One row per example: bg, fg_bg, true mask, predicted mask, true depth, predicted depth.
 
@@ -42,14 +55,8 @@ def example_grid(bg, fg_bg, mask, mask_pred, depth, depth_pred, *, gap: int = 2)
   """
   columns = [to_uint8_rgb(bg), to_uint8_rgb(fg_bg), to_uint8_rgb(mask), to_uint8_rgb(mask_pred),
              colorize(depth), colorize(depth_pred)]
-  batch, height, width, _ = columns[0].shape
-  grid = np.full((batch * (height + gap) - gap, len(columns) * (width + gap) - gap, 3), 255,
-                 np.uint8)
-  for row in range(batch):
-    for col, images in enumerate(columns):
-      top, left = row * (height + gap), col * (width + gap)
-      grid[top:top + height, left:left + width] = images[row]
-  return grid
+  return tile_grid([[images[row] for images in columns] for row in range(len(columns[0]))],
+                   gap=gap)
 
 
 def title_strip(text: str, width: int, height: int = 16) -> np.ndarray:

@@ -68,8 +68,7 @@ def tiny_run_config(config, **overrides):
   feed it (predecoded, augmented on the device); dotted keys override."""
   defaults = {"num_train_steps": 6, "log_every_steps": 2, "eval_every_steps": 4,
               "checkpoint_every_steps": 2, "optimizer.warmup_steps": 2,
-              "data.num_eval_examples": 8, "eval_batch_size": 4, "data.on_device": True,
-              "data.predecoded": True}
+              "data.num_eval_examples": 8, "eval_batch_size": 4, "data.predecoded": True}
   return copy_of(config, **{**defaults, **overrides})
 
 
@@ -92,6 +91,42 @@ class HideTensorFlow:
 sys.meta_path[:] = [HideTensorFlow if f is importlib.machinery.PathFinder else f
                     for f in sys.meta_path]
 """
+
+
+@pytest.fixture(scope="session")
+def untrained_workdir(tmp_path_factory):
+  """The default model, tiny (32 px), at its initial weights, saved as a run: for the tools that
+  read a run (predict, serve, export) and need no training. Treat it as read-only."""
+  import jax
+  import numpy as np
+
+  from dmjax import checkpoints, models, train
+
+  config = tiny_config(str(tmp_path_factory.mktemp("unused_tfds")))
+  workdir = str(tmp_path_factory.mktemp("untrained_run"))
+  model = models.create_model(config.model)
+  variables = train.initial_variables(model, jax.random.PRNGKey(0), TINY_RESOLUTION)
+  checkpoints.save_imported_model(workdir, config, jax.tree.map(np.asarray, variables))
+  return workdir
+
+
+def run_command(main, *args) -> str | None:
+  """A command's `main` on arguments: its one-line exit message, or None when it succeeds."""
+  try:
+    main([str(a) for a in args])
+  except SystemExit as e:
+    assert e.code is not None and e.code != 0
+    return str(e.code)
+  return None
+
+
+def read_png(path):
+  """(PIL mode, pixels) of an image file."""
+  import numpy as np
+  from PIL import Image
+
+  with Image.open(path) as image:
+    return image.mode, np.asarray(image)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from conftest import HIDE_TENSORFLOW
 
-from dmjax import benchmark, flops, losses, models
+from dmjax import losses, models
+from dmjax.benchmark import flops, torch_side, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON_FIELDS = ("what", "images_per_sec", "device", "jax_version", "config", "batch_size",
@@ -31,8 +32,8 @@ runpy.run_module("dmjax.benchmark", run_name="__main__", alter_sys=True)
 
 
 def _run_benchmark(*args):
-  # recipe=seed: the default recipe's step (SSIM 11) alone takes ~50 s to compile on 2 cores.
-  command = [sys.executable, "-c", _BENCHMARK_WITHOUT_TF, "--config=configs/r64.py:recipe=seed",
+  # recipe=original: the default recipe's step (SSIM 11) alone takes ~50 s to compile on 2 cores.
+  command = [sys.executable, "-c", _BENCHMARK_WITHOUT_TF, "--config=configs/r64.py:recipe=original",
              "--config.data.resolution=32", "--config.batch_size=2", "--repeats=1",
              "--repeat_seconds=0", *args]
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -44,7 +45,7 @@ def _run_benchmark(*args):
 def test_step_and_predict_rows_have_their_fields_and_positive_rates():
   rows = _run_benchmark("--what=step,augment,predict", "--models=depthmasknet",
                         "--predict_batch=2",
-                        "--torch_variants=seed,best", "--torch_compile=false")
+                        "--torch_variants=original,best", "--torch_compile=false")
   for row in rows:
     assert set(COMMON_FIELDS) <= set(row), row
     assert row["device_peak_memory_mb"] is None or row["device_peak_memory_mb"] > 0
@@ -56,7 +57,6 @@ def test_step_and_predict_rows_have_their_fields_and_positive_rates():
     assert row["images_per_sec"] > 0 and row["flops_per_image"] > 0
     assert 0 < row["fraction_of_peak"] and row["program_memory_mb"] > 0
   assert jax_rows["configured"]["optimizer"] == "sgd" and jax_rows["configured"]["loss"] == "config"
-  assert jax_rows["configured"]["on_device"]  # The stage configs augment in the step.
   (augment_row,) = [r for r in rows if r["what"] == "augment"]
   assert augment_row["images_per_sec"] > 0 and augment_row["source_resolution"] == 80
   assert jax_rows["compare"]["model"] == "depthmasknet"
@@ -64,9 +64,9 @@ def test_step_and_predict_rows_have_their_fields_and_positive_rates():
   if any("note" in r for r in torch_rows):  # torch not installed: one row says so.
     assert len(torch_rows) == 1
   else:
-    assert {r["variant"] for r in torch_rows} == {"seed", "best"}
+    assert {r["variant"] for r in torch_rows} == {"original", "best"}
     assert all(r["images_per_sec"] > 0 and r["compile"] == "off" for r in torch_rows)
-    assert jax_rows["compare"]["ratio_to_torch_seed"] > 0
+    assert jax_rows["compare"]["ratio_to_torch_original"] > 0
     assert jax_rows["compare"]["ratio_to_torch_best"] > 0
   predicts = [r for r in rows if r["what"] == "predict"]
   assert sorted(r["batch_size"] for r in predicts) == [1, 2]
@@ -76,7 +76,7 @@ def test_step_and_predict_rows_have_their_fields_and_positive_rates():
 def test_xla_flops_of_the_seed_model_match_spec():
   # XLA skips the taps that land on zero padding; SPEC §1 (ptflops) counts them. At 64 px the
   # seed's padded taps are 8.2% of its MACs (most in the 8 x 8 dilated convs of encode4).
-  model = models.create_model(benchmark.compare_config(
+  model = models.create_model(training.compare_config(
       _r64_config(), "depthmasknet", "float32").model)
   images = jnp.zeros((1, 64, 64, 3), jnp.float32)
   variables = model.init(jax.random.PRNGKey(0), images, images)
@@ -101,7 +101,7 @@ def test_peak_table_matches_device_kinds():
 
 @pytest.mark.parametrize("limit", [1, 7, 100, 1000])
 def test_largest_fitting_batch_brackets_the_limit(limit):
-  good, bad = benchmark.largest_fitting_batch(lambda b: b <= limit, start=1, multiple=1)
+  good, bad = training.largest_fitting_batch(lambda b: b <= limit, start=1, multiple=1)
   assert good <= limit < bad
   assert bad - good <= max(1, good // 32)
 
@@ -109,10 +109,27 @@ def test_largest_fitting_batch_brackets_the_limit(limit):
 def test_torch_loss_is_the_compare_loss():
   torch = pytest.importorskip("torch")
   rng = np.random.default_rng(0)
-  batch = benchmark.random_batch(2, 16)
+  batch = training.random_batch(2, 16)
   logits = {k: rng.standard_normal((2, 16, 16, 1)).astype(np.float32) for k in ("mask", "depth")}
-  expected, _ = losses.compute_losses(logits, batch, benchmark.COMPARE_LOSS)
+  expected, _ = losses.compute_losses(logits, batch, torch_side.COMPARE_LOSS)
   as_torch = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2)
-  got = sum(benchmark._torch_bce_dice(as_torch(logits[k]), as_torch(batch[k]))
+  got = sum(torch_side.torch_bce_dice(as_torch(logits[k]), as_torch(batch[k]))
             for k in ("mask", "depth"))
   np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
+
+
+def test_video_and_serve_rows_measure_the_commands_paths():
+  from dmjax import benchmark
+  from dmjax import config as config_lib
+
+  config = config_lib.base_config()
+  config.data.resolution = 32
+  settings = benchmark.Settings(what=["video", "serve"], video_size="48x32", video_frames=4,
+                                video_batch=2, serve_size=32, serve_clients=["2"], seconds=1.0)
+  rows = list(benchmark.run(config, settings, "base"))
+  assert [r["what"] for r in rows] == ["video", "serve"]
+  video, serve = rows
+  assert set(COMMON_FIELDS) <= set(video) and set(COMMON_FIELDS) <= set(serve)
+  assert video["frames"] == 4 and (video["width"], video["height"]) == (48, 32)
+  assert video["images_per_sec"] == video["frames_per_second"] > 0
+  assert serve["concurrency"] == 2 and serve["requests"] > 0 and serve["requests_per_s"] > 0

@@ -27,8 +27,20 @@ def test_main_turns_user_errors_into_one_line_and_lets_bugs_through(tmp_path, mo
     main.main(args)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/r64.py:recipe=seed"], "recipe=seed: .* use recipe=original"),
+    (["--config=configs/nothere.py"], "--config=configs/nothere.py: .*No such file"),
+    (["--config=configs/r64.py", "--config.data.nothere=1"], "the config has no key .*nothere"),
+    (["--config=configs/r64.py", "--config.batch_size=x"], "--config.batch_size=x: invalid"),
+])
+def test_bad_configs_are_one_line_errors(tmp_path, monkeypatch, args, message):
+  monkeypatch.chdir(REPO)
+  with pytest.raises(SystemExit, match=f"^error: [^\\n]*{message}[^\\n]*$"):
+    main.main([*args, f"--workdir={tmp_path}"])
+
+
 def test_bad_flags_are_one_line_errors(tmp_path):
-  with pytest.raises(SystemExit, match="^error: .*--workdir.*see dmjax-predict --help"):
+  with pytest.raises(SystemExit, match="^error: .*workdir.*see dmjax-predict --help"):
     predict.main([f"--out={tmp_path}"])
   with pytest.raises(SystemExit, match="^error: Unknown command line flag 'nonsense'"):
     predict.main(["--workdir=w", f"--out={tmp_path}", "--nonsense=1"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 from PIL import Image
-from test_seed_layout import layout_files, write_folders
+from test_original_layout import layout_files, write_folders
 
 from dmjax import evaluate, inference
 from dmjax.evaluation import metrics
@@ -120,7 +120,7 @@ def test_named_step_and_default_output(trained):
                                                                   "eval_test_4_examples.png"))
 
 
-def test_evaluate_on_the_seed_layout(trained, tmp_path):
+def test_evaluate_on_the_original_layout(trained, tmp_path):
   _, workdir, _ = trained
   root = write_folders(tmp_path / "cats", layout_files())
   output = tmp_path / "seed.json"
@@ -128,7 +128,7 @@ def test_evaluate_on_the_seed_layout(trained, tmp_path):
                  f"--tfds_dir={tmp_path / 'tfds'}", f"--output={output}", "--num_kept=1",
                  "--rank_by=mask_boundary_f"])
   saved = read_json(output)
-  assert saved["data"] == "seed" and saved["data_dir"] == root
+  assert saved["data"] == "original" and saved["data_dir"] == root
   assert saved["num_examples"] == 4  # 30% of the 12 composites.
   assert all(np.isfinite(v) for v in saved["metrics"].values())
 

@@ -9,9 +9,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dmjax import checkpoints, import_torch, models  # noqa: E402
+from dmjax import checkpoints, models  # noqa: E402
 from dmjax.data import schema  # noqa: E402
-from dmjax.models import torch_seed, torch_u2netp_dual, torch_unet_dual  # noqa: E402
+from dmjax.models import (  # noqa: E402
+  torch_depthmasknet,
+  torch_u2netp_dual,
+  torch_unet_dual,
+  torch_weights,  # noqa: E402
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED_PARAMS = 5_230_720
@@ -33,7 +38,7 @@ def _perturb_batch_norm(model: torch.nn.Module) -> None:
 @pytest.fixture(scope="module")
 def torch_model():
   torch.manual_seed(0)
-  model = torch_seed.DepthMaskNetTorch()
+  model = torch_depthmasknet.DepthMaskNetTorch()
   _perturb_batch_norm(model)
   with torch.no_grad():
     # The linear heads shrink their input to logits of std ~0.005 at PyTorch's initialisation;
@@ -53,7 +58,7 @@ def state_dict_file(torch_model, tmp_path_factory):
 def test_transcription_has_the_original_keys_and_size(torch_model):
   state_dict = torch_model.state_dict()
   weights = {k for k in state_dict if not k.endswith("num_batches_tracked")}
-  assert weights == set(import_torch.torch_to_flax_keys())
+  assert weights == set(torch_weights.torch_to_flax_keys())
   assert sum(p.numel() for p in torch_model.parameters()) == SEED_PARAMS
   # Spot checks of SPEC §1's key list, written out by hand.
   assert state_dict["encode4.dilatedconv.2.running_var"].shape == (512,)
@@ -62,7 +67,7 @@ def test_transcription_has_the_original_keys_and_size(torch_model):
 
 
 def test_imported_checkpoint_reproduces_pytorch_outputs(torch_model, state_dict_file, tmp_path):
-  import_torch.import_state_dict(state_dict_file, str(tmp_path))
+  torch_weights.import_state_dict(state_dict_file, str(tmp_path))
   config, variables, step = checkpoints.restore_model(str(tmp_path))
   assert (config.model.name, step) == ("depthmasknet", 0)
 
@@ -81,7 +86,7 @@ def test_imported_checkpoint_reproduces_pytorch_outputs(torch_model, state_dict_
 
 def test_data_parallel_prefix_and_wrapped_dicts_are_accepted(torch_model):
   state_dict = {f"module.{k}": v for k, v in torch_model.state_dict().items()}
-  converted = import_torch.convert_state_dict(state_dict)
+  converted = torch_weights.convert_state_dict(state_dict)
   np.testing.assert_array_equal(converted["params"]["merge"]["kernel"],
                                 torch_model.pointwise.weight.detach().numpy().transpose(2, 3, 1, 0))
 
@@ -96,12 +101,12 @@ def test_bad_state_dicts_name_the_key(torch_model, change, message):
   state_dict = dict(torch_model.state_dict())
   change(state_dict)
   with pytest.raises(ValueError, match=message):
-    import_torch.convert_state_dict(state_dict)
+    torch_weights.convert_state_dict(state_dict)
 
 
 def test_command_refuses_a_workdir_with_checkpoints_and_a_missing_file(state_dict_file, tmp_path):
   workdir = tmp_path / "run"
-  import_torch.import_state_dict(state_dict_file, str(workdir))
+  torch_weights.import_state_dict(state_dict_file, str(workdir))
   before = sorted(os.listdir(workdir / "checkpoints"))
   for state_dict, expected in ((state_dict_file, "already holds checkpoints"),
                                (str(tmp_path / "missing.pth"), "missing.pth: no such file")):
@@ -148,7 +153,7 @@ def test_other_transcriptions_have_the_original_keys_and_sizes(other_seed):
   assert len(state_dict) == num_keys
   assert sum(p.numel() for p in model.parameters()) == num_params
   weights = {k for k in state_dict if not k.endswith("num_batches_tracked")}
-  assert weights == set(import_torch.torch_to_flax_keys(name))
+  assert weights == set(torch_weights.torch_to_flax_keys(name))
   # Spot checks of MODELS.md §1.4 and §2.4, written out by hand.
   expected = {"unet_dual": {"encoder.layer4.0.shortcut.0.weight": (256, 128, 1, 1),
                             "decoder_d.up1.up.weight": (128, 128, 2, 2),
@@ -178,7 +183,7 @@ def _compare(got: np.ndarray, want: torch.Tensor) -> None:
 
 def test_imported_other_seed_reproduces_pytorch_outputs(other_seed, tmp_path):
   name, torch_model, path = other_seed
-  import_torch.import_state_dict(path, str(tmp_path), model_name=name)
+  torch_weights.import_state_dict(path, str(tmp_path), model_name=name)
   config, variables, step = checkpoints.restore_model(str(tmp_path))
   assert (config.model.name, step) == (name, 0)
   assert config.data.resolution == {"unet_dual": 64, "u2netp_dual": 224}[name]
@@ -221,9 +226,9 @@ def test_bad_u2netp_state_dicts_name_the_key(change, message):
   state_dict = dict(torch_u2netp_dual.U2NetPDualTorch().state_dict())
   change(state_dict)
   with pytest.raises(ValueError, match=message):
-    import_torch.convert_state_dict(state_dict, "u2netp_dual")
+    torch_weights.convert_state_dict(state_dict, "u2netp_dual")
 
 
 def test_models_without_an_original_are_refused(state_dict_file, tmp_path):
   with pytest.raises(ValueError, match=r"--model=two_stage: weights import for"):
-    import_torch.import_state_dict(state_dict_file, str(tmp_path), model_name="two_stage")
+    torch_weights.import_state_dict(state_dict_file, str(tmp_path), model_name="two_stage")

@@ -1,5 +1,6 @@
-"""The grain pipeline over a tiny built synthetic dataset: format, determinism, alignment of the
-joint augmentation, checkpointing, sharding, evaluation padding, and reading without TF."""
+"""The grain pipeline over a tiny built synthetic dataset: the stored-format training stream
+(determinism, checkpointing, sharding, predecoding), evaluation batches (resize, order, padding),
+and reading without TF."""
 
 import glob
 import json
@@ -17,7 +18,7 @@ import pytest
 from conftest import HIDE_TENSORFLOW, copy_of
 
 from dmjax import config as config_lib
-from dmjax.data import augment, pipeline, schema, sources, tfds_builder
+from dmjax.data import pipeline, schema, sources, tfds_builder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,8 +48,8 @@ def stored_examples(config, split):
 
 
 def example_ids(batches, examples):
-  """Which stored example each batch row is, by its un-normalised fg_bg (needs no resize and no
-  augmentation)."""
+  """Which stored example each row of evaluation batches is, by its un-normalised fg_bg (needs no
+  resize)."""
   lookup = {example["fg_bg"].tobytes(): i for i, example in enumerate(examples)}
   ids = []
   for batch in batches:
@@ -58,26 +59,18 @@ def example_ids(batches, examples):
   return ids
 
 
-def test_batches_have_the_documented_format(tiny_data_config):
+def test_training_batches_are_stored_examples(tiny_data_config):
+  # The train step augments, resizes and normalises them (dmjax.data.augment).
   batch = next(pipeline.create_train_iterator(tiny_data_config))
-  r = tiny_data_config.data.resolution
+  r = tiny_data_config.data.synthetic.resolution  # As rendered: no transfer_resolution.
   assert set(batch) == set(schema.KEYS)
-  for key in schema.KEYS:
-    assert type(batch[key]) is np.ndarray and batch[key].dtype == np.float32
+  for key, dtype in (("bg", np.uint8), ("fg_bg", np.uint8), ("mask", np.uint8),
+                     ("depth", np.uint16)):
+    assert type(batch[key]) is np.ndarray and batch[key].dtype == dtype, key
   assert batch["bg"].shape == batch["fg_bg"].shape == (4, r, r, 3)
   assert batch["mask"].shape == batch["depth"].shape == (4, r, r, 1)
-  assert set(np.unique(batch["mask"])) <= {0.0, 1.0}
-  assert 0.0 <= batch["depth"].min() and batch["depth"].max() <= 1.0
-  bg, fg_bg = pipeline.denormalize(batch)
-  assert 0.0 <= bg.min() and bg.max() <= 1.0 and 0.0 <= fg_bg.min() and fg_bg.max() <= 1.0
   assert pipeline.num_examples(tiny_data_config, "train") == 24
   assert pipeline.num_examples(tiny_data_config, "test") == 8
-
-
-def test_soft_masks_without_binarize(tiny_data_config):
-  config = copy_of(tiny_data_config, **{"data.binarize_mask": False, "data.resolution": 16})
-  masks = np.concatenate([b["mask"] for b in take(pipeline.create_train_iterator(config), 3)])
-  assert np.any((masks > 0.0) & (masks < 1.0))
 
 
 def test_same_seed_same_batches_other_seed_other_batches(tiny_data_config):
@@ -85,6 +78,9 @@ def test_same_seed_same_batches_other_seed_other_batches(tiny_data_config):
   assert_same_batches(first, take(pipeline.create_train_iterator(tiny_data_config), 3))
   other = take(pipeline.create_train_iterator(copy_of(tiny_data_config, seed=1)), 3)
   assert not np.array_equal(first[0]["fg_bg"], other[0]["fg_bg"])
+  # Nor does augmentation change what the host sends: the step draws it.
+  still = copy_of(tiny_data_config, **{"data.augment.enabled": False})
+  assert_same_batches(first, take(pipeline.create_train_iterator(still), 3))
 
 
 def test_zero_and_two_workers_give_identical_batches(tiny_data_config):
@@ -95,63 +91,6 @@ def test_zero_and_two_workers_give_identical_batches(tiny_data_config):
   finally:
     iterator.close()
   assert_same_batches(without_workers, with_workers)
-
-
-def coordinate_example(size=48):
-  """All four images encode the pixel's x (and the photos also its y), so any geometric
-  difference between them shows up as differing values."""
-  y, x = np.mgrid[0:size, 0:size]
-  ramp_x, ramp_y = (x * 5).astype(np.uint8), (y * 5).astype(np.uint8)
-  photo = np.stack([ramp_x, ramp_y, np.full_like(ramp_x, 128)], axis=-1)
-  return {"bg": photo, "fg_bg": photo.copy(), "mask": ramp_x[..., None],
-          "depth": (ramp_x.astype(np.uint16) * 257)[..., None]}
-
-
-def test_joint_geometry_keeps_the_four_images_aligned():
-  example = coordinate_example()
-  settings = augment.AugmentSettings(min_scale=0.5)
-  rng = np.random.default_rng(0)
-  flips = set()
-  for _ in range(12):
-    geometry = augment.draw_geometry(rng, 48, 48, settings)
-    flips.add(geometry.flip)
-    out = augment.transform_example(example, geometry, 32)
-    assert out["bg"].dtype == np.uint8 and out["mask"].dtype == out["depth"].dtype == np.float32
-    np.testing.assert_array_equal(out["bg"], out["fg_bg"])
-    photo_x = out["bg"][..., 0] / 255
-    tolerance = 1.0 / 255  # The photos are resized as uint8.
-    np.testing.assert_allclose(out["mask"][..., 0], photo_x, atol=tolerance)
-    np.testing.assert_allclose(out["depth"][..., 0], photo_x, atol=tolerance)
-    # The crop really moved things: the x ramp no longer spans the whole frame, or is mirrored.
-    full = augment.transform_example(example, augment.full_frame(48, 48), 32)
-    assert not np.allclose(out["mask"], full["mask"], atol=tolerance)
-  assert flips == {True, False}
-
-
-def test_pipeline_augmentation_aligns_labels_and_jitters_photos_independently():
-  example = coordinate_example()
-  prepare = pipeline.PrepareExample(resolution=32, settings=augment.AugmentSettings(),
-                                    binarize_mask=False)
-  for seed in range(6):
-    out = prepare.random_map(example, np.random.default_rng(seed))
-    np.testing.assert_allclose(out["mask"], out["depth"], atol=1e-5)
-    bg, fg_bg = pipeline.denormalize(out)
-    assert not np.allclose(bg, fg_bg, atol=1e-3)  # Photometric draws differ per photo.
-    # Jitter keeps the geometry: the photos' x ramp still increases with the mask's.
-    order = np.argsort(out["mask"][16, :, 0])
-    assert np.all(np.diff(bg[16, order, 0]) >= -1e-6)
-
-
-def test_no_augmentation_is_a_plain_resize(tiny_data_config):
-  config = copy_of(tiny_data_config, **{"data.augment.enabled": False})
-  batches = take(pipeline.create_train_iterator(config), 6)
-  examples = stored_examples(config, "train")
-  ids = example_ids(batches, examples)
-  for batch_index, batch in enumerate(batches):
-    for row in range(4):
-      example = examples[ids[batch_index * 4 + row]]
-      np.testing.assert_allclose(batch["depth"][row], example["depth"] / 65535, atol=1e-6)
-      np.testing.assert_array_equal(batch["mask"][row], (example["mask"] > 127.5))
 
 
 def test_state_round_trip_restores_the_next_batches(tiny_data_config, tmp_path):
@@ -194,26 +133,6 @@ def test_state_from_another_stream_is_refused(tiny_data_config):
     other.set_state(iterator.get_state())
 
 
-def test_process_shards_are_disjoint_and_cover_each_epoch(tiny_data_config):
-  config = copy_of(tiny_data_config, **{"data.augment.enabled": False})
-  examples = stored_examples(config, "train")
-  # 24 examples, 2 processes, 2 per process batch: 6 batches per process per epoch.
-  epochs = {0: [], 1: []}
-  for process_index in (0, 1):
-    iterator = pipeline.create_train_iterator(config, process_index=process_index,
-                                              process_count=2)
-    batches = take(iterator, 12)
-    assert batches[0]["fg_bg"].shape[0] == 2
-    ids = example_ids(batches, examples)
-    epochs[0].append(ids[:12])
-    epochs[1].append(ids[12:])
-  for epoch in epochs.values():
-    first, second = map(set, epoch)
-    assert len(first) == len(second) == 12 and not first & second
-    assert first | second == set(range(24))
-  assert epochs[0] != epochs[1]  # Reshuffled each epoch.
-
-
 def test_batch_size_must_divide_among_processes(tiny_data_config):
   with pytest.raises(ValueError, match="config.batch_size=4"):
     pipeline.create_train_iterator(tiny_data_config, process_index=0, process_count=3)
@@ -226,6 +145,9 @@ def test_eval_batches_are_in_order_and_padded(tiny_data_config):
   assert all(b["example_weight"].dtype == np.float32 for b in batches)
   ids = example_ids(batches, examples)
   assert ids == [0, 1, 2, 3, 4, 5, 5, 5]
+  for row, example in enumerate(examples[:4]):  # Stored at 32 px: no resize, exact labels.
+    np.testing.assert_allclose(batches[0]["depth"][row], example["depth"] / 65535, atol=1e-6)
+    np.testing.assert_array_equal(batches[0]["mask"][row], example["mask"] > 127.5)
 
   everything = list(pipeline.create_eval_batches(tiny_data_config, "test", batch_size=3))
   assert [b["example_weight"].sum() for b in everything] == [3, 3, 2]
@@ -241,7 +163,7 @@ def test_eval_batches_are_in_order_and_padded(tiny_data_config):
 def test_unknown_source_names_the_key_and_the_known_ones():
   config = config_lib.base_config()
   config.data.source = "imagenet"
-  with pytest.raises(ValueError, match=r"config.data.source='imagenet'.*seed.*synthetic"):
+  with pytest.raises(ValueError, match=r"config.data.source='imagenet'.*original.*synthetic"):
     sources.get_source(config)
 
 
@@ -283,8 +205,8 @@ def test_reading_and_building_need_no_tensorflow(tiny_data_config, tmp_path):
                     "depth": [4, 32, 32, 1]}
 
 
-def on_device(config, **overrides):
-  return copy_of(config, **{"data.on_device": True, "data.predecoded": True, **overrides})
+def predecoding(config, **overrides):
+  return copy_of(config, **{"data.predecoded": True, **overrides})
 
 
 def stored_ids(batches, examples):
@@ -292,8 +214,8 @@ def stored_ids(batches, examples):
   return [lookup[image.tobytes()] for batch in batches for image in batch["fg_bg"]]
 
 
-def test_on_device_batches_are_stored_examples_decoded_or_predecoded(tiny_data_config):
-  config = on_device(tiny_data_config)
+def test_batches_are_the_stored_examples_decoded_or_predecoded(tiny_data_config):
+  config = predecoding(tiny_data_config)
   predecoded = take(pipeline.create_train_iterator(config), 7)
   decoded = take(pipeline.create_train_iterator(copy_of(config, **{"data.predecoded": False})), 7)
   assert_same_batches(predecoded, decoded)
@@ -305,8 +227,8 @@ def test_on_device_batches_are_stored_examples_decoded_or_predecoded(tiny_data_c
     np.testing.assert_array_equal(batch[1], examples[ids[i * 4 + 1]][key])
 
 
-def test_on_device_stream_covers_each_epoch_across_processes_and_reshuffles(tiny_data_config):
-  config = on_device(tiny_data_config)
+def test_stream_covers_each_epoch_across_processes_and_reshuffles(tiny_data_config):
+  config = predecoding(tiny_data_config)
   examples = stored_examples(config, "train")
   # 24 examples, global batch 4 over 2 processes: 6 global batches per epoch.
   ids = {p: stored_ids(take(pipeline.create_train_iterator(config, process_index=p,
@@ -322,8 +244,8 @@ def test_on_device_stream_covers_each_epoch_across_processes_and_reshuffles(tiny
   assert other_seed != one_process[:24]
 
 
-def test_on_device_state_round_trip_and_workers_unpickle_the_stream(tiny_data_config):
-  config = on_device(tiny_data_config)
+def test_state_round_trip_and_workers_unpickle_the_stream(tiny_data_config):
+  config = predecoding(tiny_data_config)
   iterator = pipeline.create_train_iterator(config)
   take(iterator, 5)  # Crosses into the second epoch.
   state = iterator.get_state()
@@ -331,8 +253,10 @@ def test_on_device_state_round_trip_and_workers_unpickle_the_stream(tiny_data_co
   restored = pipeline.create_train_iterator(config)
   restored.set_state(state)
   assert_same_batches(take(restored, 3), expected)
-  with pytest.raises(ValueError, match="on_device"):
-    pipeline.create_train_iterator(tiny_data_config).set_state(state)
+  # Predecoding changes how the batches are gathered, not which they are.
+  decoded = pipeline.create_train_iterator(tiny_data_config)
+  decoded.set_state(state)
+  assert_same_batches(take(decoded, 3), expected)
   # Worker processes get the batch transform by pickle: it must arrive whole and work there.
   stream = pipeline.StoredBatch(
       pipeline.PredecodedExamples(pipeline.predecoded_dir(config, "train")), seed=0,
@@ -345,7 +269,7 @@ def test_on_device_state_round_trip_and_workers_unpickle_the_stream(tiny_data_co
 def test_grain_workers_outlive_sigterm(tiny_data_config):
   # Clusters send SIGTERM to every process of a job; the main process saves a checkpoint on it
   # and needs its workers' batches until then (dmjax.preemption).
-  config = on_device(tiny_data_config, **{"data.num_workers": 1})
+  config = predecoding(tiny_data_config, **{"data.num_workers": 1})
   before = set(multiprocessing.active_children())
   iterator = pipeline.create_train_iterator(config)
   batches = take(iterator, 2)
@@ -356,12 +280,12 @@ def test_grain_workers_outlive_sigterm(tiny_data_config):
   time.sleep(2)
   batches += take(iterator, 10)  # More than the workers had ready.
   iterator.close()
-  assert_same_batches(batches, take(pipeline.create_train_iterator(on_device(tiny_data_config)),
+  assert_same_batches(batches, take(pipeline.create_train_iterator(predecoding(tiny_data_config)),
                                     12))
 
 
-def test_predecoding_is_all_or_nothing_and_needs_on_device(tiny_data_config, tmp_path):
-  config = on_device(tiny_data_config, **{"data.transfer_resolution": 24})
+def test_predecoding_is_all_or_nothing(tiny_data_config):
+  config = predecoding(tiny_data_config, **{"data.transfer_resolution": 24})
   directory = pipeline.predecoded_dir(config, "train")
   os.makedirs(directory + ".partial-1")  # What a killed build leaves: never taken as done.
   assert not os.path.exists(directory)
@@ -371,8 +295,6 @@ def test_predecoding_is_all_or_nothing_and_needs_on_device(tiny_data_config, tmp
   # Ours was renamed; the dead process's was removed (under the build lock, so no live process
   # was writing it), and its space is free again.
   assert glob.glob(directory + ".partial-*") == []
-  with pytest.raises(ValueError, match="config.data.on_device"):
-    pipeline.create_train_iterator(copy_of(tiny_data_config, **{"data.predecoded": True}))
 
 
 def test_examples_of_different_sizes_need_a_transfer_resolution():
@@ -384,3 +306,19 @@ def test_examples_of_different_sizes_need_a_transfer_resolution():
     pipeline.DecodedExamples(encoded, 0).gather(np.array([0, 1]))
   batch = pipeline.DecodedExamples(encoded, 12).gather(np.array([0, 1]))
   assert batch["fg_bg"].shape == (2, 12, 12, 3) and batch["depth"].dtype == np.uint16
+
+
+def test_states_saved_before_the_host_path_was_removed(tiny_data_config):
+  iterator = pipeline.create_train_iterator(tiny_data_config)
+  take(iterator, 2)
+  expected = take(iterator, 2)
+  saved = json.loads(iterator.get_state())
+  # What this stream saved before issue 14 (tests/data/workdir_before_restructure has one).
+  restored = pipeline.create_train_iterator(tiny_data_config)
+  restored.set_state(json.dumps({**saved, "on_device": True, "next_batch": 2}).encode())
+  assert_same_batches(take(restored, 2), expected)
+  # What the host augmentation path saved: another stream, refused in one line.
+  host_state = {k: v for k, v in saved.items() if k != "transfer_resolution"}
+  with pytest.raises(ValueError, match=r"^the saved data iterator state is of the host "
+                     r"augmentation path.*--config.init_from"):
+    restored.set_state(json.dumps(host_state).encode())

@@ -1,5 +1,6 @@
 """The predictor API and the predict tool on files and folders, and its refusals of bad input."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -7,12 +8,13 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import HIDE_TENSORFLOW
+from conftest import HIDE_TENSORFLOW, read_png, run_command
 from PIL import Image
 
-from dmjax import checkpoints, inference, models, predict, train
+from dmjax import inference, predict
 from dmjax.data import pipeline, schema
 from dmjax.evaluation import evaluator
+from dmjax.inference import photos
 from dmjax.inference import predictor as predictor_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,13 +22,8 @@ HEIGHT, WIDTH = 37, 50  # Neither divisible by 16.
 
 
 @pytest.fixture(scope="module")
-def workdir(tiny_data_config, tmp_path_factory):
-  """A 32-px model at its initial weights, saved as a run: predicting needs no training."""
-  workdir = str(tmp_path_factory.mktemp("predict_run"))
-  model = models.create_model(tiny_data_config.model)
-  variables = train.initial_variables(model, jax.random.PRNGKey(0), 32)
-  checkpoints.save_imported_model(workdir, tiny_data_config, jax.tree.map(np.asarray, variables))
-  return workdir
+def workdir(untrained_workdir):
+  return untrained_workdir
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +32,7 @@ def predictor(workdir):
 
 
 def scene(seed, height=HEIGHT, width=WIDTH):
-  """A smooth random background and the same with a bright square pasted in."""
-  rng = np.random.default_rng(seed)
-  small = rng.integers(0, 256, (4, 4, 3), np.uint8)
-  bg = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR))
-  fg_bg = bg.copy()
-  fg_bg[height // 4:height // 2, width // 4:width // 2] = (250, 240, 30)
-  return bg, fg_bg
+  return photos.demo_pair(height, width, seed)
 
 
 def save(path, array, mode=None):
@@ -51,19 +42,7 @@ def save(path, array, mode=None):
   return str(path)
 
 
-def read(path):
-  with Image.open(path) as image:
-    return image.mode, np.asarray(image)
-
-
-def run_main(*args):
-  """predict.main on arguments; returns its exit message (None on success)."""
-  try:
-    predict.main([str(a) for a in args])
-  except SystemExit as e:
-    assert e.code is not None and e.code != 0
-    return str(e.code)
-  return None
+run_main = functools.partial(run_command, predict.main)
 
 
 def snapshot(folder):
@@ -79,8 +58,9 @@ def test_resize_mode_matches_the_evaluation_pipeline(workdir, tiny_data_config):
   bg, fg_bg = scene(0)
   example = {"bg": bg, "fg_bg": fg_bg, "mask": np.zeros((HEIGHT, WIDTH, 1), np.uint8),
              "depth": np.zeros((HEIGHT, WIDTH, 1), np.uint16)}
-  prepare = pipeline.PrepareExample.from_config(tiny_data_config.data, augmentation=False)
-  batch = {k: v[None] for k, v in prepare.random_map(example, None).items()}
+  prepared = pipeline.prepare_eval_example(example, tiny_data_config.data.resolution,
+                                          tiny_data_config.data.binarize_mask)
+  batch = {k: v[None] for k, v in prepared.items()}
   assert batch["fg_bg"].shape == (1, 32, 32, 3)
   mask, depth = jax.device_get(evaluator.predict(predictor.model, predictor.variables, batch))
 
@@ -154,14 +134,14 @@ def test_one_pair_of_files_writes_every_output(workdir, predictor, tmp_path):
   assert sorted(os.listdir(out)) == ["shot_depth.png", "shot_depth_color.png", "shot_mask.png",
                                      "shot_overlay.png"]
   expected = predictor(inference.read_image(bg_path), inference.read_image(fg_bg_path))
-  mode, mask = read(out / "shot_mask.png")
+  mode, mask = read_png(out / "shot_mask.png")
   assert mode == "L" and mask.shape == (HEIGHT, WIDTH)
   np.testing.assert_array_equal(mask, np.round(expected.mask * 255))
-  mode, depth = read(out / "shot_depth.png")
+  mode, depth = read_png(out / "shot_depth.png")
   assert mode.startswith("I") and depth.shape == (HEIGHT, WIDTH)  # 16-bit.
   np.testing.assert_allclose(depth, np.round(expected.depth * 65535), atol=1)
-  assert read(out / "shot_depth_color.png")[1].shape == (HEIGHT, WIDTH, 3)
-  assert read(out / "shot_overlay.png")[1].shape == (HEIGHT, 4 * WIDTH + 3 * 4, 3)
+  assert read_png(out / "shot_depth_color.png")[1].shape == (HEIGHT, WIDTH, 3)
+  assert read_png(out / "shot_overlay.png")[1].shape == (HEIGHT, 4 * WIDTH + 3 * 4, 3)
 
 
 def test_folders_pair_by_name_and_skip_bad_pairs(workdir, tmp_path, capsys):
@@ -183,7 +163,7 @@ def test_folders_pair_by_name_and_skip_bad_pairs(workdir, tmp_path, capsys):
   assert message == f"error: 3 of 5 composites failed (see above); the others are in {out}"
   assert sorted(os.listdir(out)) == ["a_depth.png", "a_depth_color.png", "a_mask.png",
                                      "b_depth.png", "b_depth_color.png", "b_mask.png"]
-  assert read(out / "b_mask.png")[1].shape == (HEIGHT, WIDTH)
+  assert read_png(out / "b_mask.png")[1].shape == (HEIGHT, WIDTH)
   errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
   assert errors == [
       f"error: {fg_bg_dir}/d.jpg: no background named d.* in {bg_dir}",
@@ -219,7 +199,7 @@ def test_existing_outputs_are_kept_unless_overwrite(workdir, tmp_path):
                              "it")
   assert snapshot(out) == {"x_depth.png": b"keep me"}  # Nothing else written either.
   assert run_main(*args, "--overwrite") is None
-  assert read(out / "x_depth.png")[1].shape == (HEIGHT, WIDTH)
+  assert read_png(out / "x_depth.png")[1].shape == (HEIGHT, WIDTH)
   assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
 
 
@@ -265,7 +245,8 @@ def test_bad_input_is_a_one_line_error(problem, workdir, tmp_path, capsys):
   message = run_main(*(f"--{k}={v}" if v != "" else f"--{k}" for k, v in args.items()))
   assert "\n" not in message
   if problem == "no partner":  # Folder mode: each bad pair on its own line, then a summary.
-    assert capsys.readouterr().err == f"error: {expected}\n"
+    lines = capsys.readouterr().err.splitlines()
+    assert [line for line in lines if not line.startswith("JAX ")] == [f"error: {expected}"]
     assert message.startswith("error: 1 of 1 composites failed")
   else:
     assert message.startswith(f"error: {expected}")

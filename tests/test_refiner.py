@@ -165,8 +165,8 @@ rng = np.random.default_rng(0)
 bg = rng.integers(0, 256, (1536, 2048, 3), np.uint8)
 mask, depth = predictor(bg, bg)
 assert mask.shape == (1536, 2048) and depth.shape == (1536, 2048)
-from dmjax import benchmark
-print(benchmark.own_peak_rss_bytes())
+from dmjax.benchmark import timing
+print(timing.own_peak_rss_bytes())
 """
   done = subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, timeout=600,
                         capture_output=True, text=True)

@@ -87,9 +87,9 @@ def test_training_writes_checkpoints_events_and_final_metrics(trained):
 
 def test_one_step_logs_every_loss_term_and_images(tiny_data_config, tmp_path):
   writer = RecordingWriter()
-  # Fed by the host pipeline (augmented with PIL), the other way to feed the step.
+  # Fed with examples decoded as they are gathered (not predecoded), the other way to feed it.
   config = tiny(tiny_data_config, num_train_steps=1, log_every_steps=1, eval_every_steps=1,
-                **{"data.on_device": False, "data.predecoded": False})
+                **{"data.predecoded": False})
   train.train_and_evaluate(config, str(tmp_path), writer=writer)
   logged = writer.scalars[1]
   for key in ("train/total", "train/mask_bce", "train/mask_dice", "train/depth_l1",

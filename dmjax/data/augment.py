@@ -1,24 +1,46 @@
-"""Joint augmentation and resizing of one example (numpy and PIL; pure functions of an rng).
+"""What the train step does to a batch: the host sends stored uint8, the step augments.
+
+Training batches leave the host as stored (`dmjax.data.schema`: uint8 photos and mask, uint16
+depth, all at `data.transfer_resolution`; `dmjax.data.pipeline` only gathers them) and
+`augment_batch`, run at the start of the jitted train step (`make_preprocess`), turns them into
+model inputs: one joint geometry, photometric jitter, resizing to `data.resolution`, and
+normalisation. At GPU rates the host could not crop, resize and jitter tens of thousands of
+quartets a second with PIL (a few hundred per core); on a CPU, augmenting in XLA costs the step
+less than PIL costs the host.
 
 One geometric draw (horizontal flip, crop box) applies to all four images so they stay aligned,
-which the seed could not do (SPEC §5); photometric jitter applies only to the two photos, drawn
-independently for each, so the model sees bg and fg_bg shot under slightly different light.
+which the original system could not do (SPEC §5): a mirror coin, a crop scale in [min_scale, 1]
+of each side (aspect kept) and a uniform offset. Photometric jitter applies only to the two
+photos, drawn independently for each, so the model sees bg and fg_bg shot under slightly
+different light: brightness, contrast and saturation factors in [1 - s, 1 + s], in PIL's
+ImageEnhance formulas and order (what torchvision's ColorJitter does to PIL images). The
+resampling is PIL's bilinear filter: a triangle widened by the downscale factor, so shrinking
+averages the area instead of aliasing.
+
+Example i of the global batch of step t draws from fold_in(fold_in(key, t), i): the same however
+many devices or processes share the batch, and the same again when a run resumes at step t.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
-from PIL import Image, ImageEnhance
 
 from dmjax import errors
 from dmjax.data import schema
 
+# PIL's "L" conversion (ITU-R 601-2 luma), which ImageEnhance.Contrast and Color blend towards.
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
 
 @dataclasses.dataclass(frozen=True)
 class AugmentSettings:
-  """What `config.data.augment` asks for; plain values so grain workers can unpickle it."""
+  """What `config.data.augment` asks for; plain, hashable values (a static argument of jit)."""
 
   flip: bool = True
   min_scale: float = 0.6
@@ -40,85 +62,93 @@ class AugmentSettings:
                saturation=float(augment_config.saturation))
 
 
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-  """A crop box (left, top, right, bottom) in source pixels, then an optional mirror."""
-
-  box: tuple[float, float, float, float]
-  flip: bool = False
-
-
-def full_frame(height: int, width: int) -> Geometry:
-  return Geometry(box=(0.0, 0.0, float(width), float(height)))
+def make_preprocess(config: ml_collections.ConfigDict):
+  """`preprocess(batch, key, step)` for the train step: `augment_batch` with `config.data`'s
+  settings (without augmentation, only the resize and normalisation)."""
+  return functools.partial(
+      augment_batch, resolution=config.data.resolution,
+      settings=AugmentSettings.from_config(config.data.augment),
+      binarize_mask=bool(config.data.binarize_mask))
 
 
-def draw_geometry(rng: np.random.Generator, height: int, width: int,
-                  settings: AugmentSettings) -> Geometry:
-  """A random crop covering [min_scale, 1] of each side (aspect kept) and a coin-flip mirror."""
-  flip = bool(rng.random() < 0.5) and settings.flip
-  scale = rng.uniform(settings.min_scale, 1.0)
+def crop_resize(image: jax.Array, box: jax.Array, flip: jax.Array, resolution: int) -> jax.Array:
+  """(H, W, C) float → (R, R, C): the crop `box` = (left, top, right, bottom) in source pixels,
+  resized as PIL's bilinear `resize(box=...)` does, then mirrored if `flip`."""
+  left, top, right, bottom = box[0], box[1], box[2], box[3]
+  scale = jnp.stack([resolution / (bottom - top), resolution / (right - left)])
+  translation = -jnp.stack([top, left]) * scale
+  out = jax.image.scale_and_translate(image, (resolution, resolution, image.shape[-1]), (0, 1),
+                                      scale, translation, method="linear", antialias=True)
+  return jnp.where(flip, out[:, ::-1], out)
+
+
+def jitter_photometric(image: jax.Array, factors: jax.Array) -> jax.Array:
+  """PIL's ImageEnhance Brightness, Contrast, Color by `factors` (3,), in that order, on an
+  (H, W, 3) float image in [0, 255]; PIL rounds to uint8 between steps, this does not."""
+  brightness, contrast, saturation = factors[0], factors[1], factors[2]
+  image = jnp.clip(image * brightness, 0.0, 255.0)
+  mean_luma = jnp.mean(image @ _LUMA)
+  image = jnp.clip(mean_luma + contrast * (image - mean_luma), 0.0, 255.0)
+  luma = (image @ _LUMA)[..., None]
+  return jnp.clip(luma + saturation * (image - luma), 0.0, 255.0)
+
+
+def draw_geometry(key: jax.Array, height: int, width: int,
+                  settings: AugmentSettings) -> tuple[jax.Array, jax.Array]:
+  """(box, flip): a random crop covering [min_scale, 1] of each side (aspect kept), placed
+  uniformly, and a coin-flip mirror."""
+  flip_key, scale_key, top_key, left_key = jax.random.split(key, 4)
+  flip = jnp.logical_and(jax.random.uniform(flip_key) < 0.5, settings.flip)
+  scale = jax.random.uniform(scale_key, minval=settings.min_scale, maxval=1.0)
   crop_height, crop_width = scale * height, scale * width
-  top = rng.uniform(0.0, height - crop_height)
-  left = rng.uniform(0.0, width - crop_width)
-  return Geometry(box=(left, top, left + crop_width, top + crop_height), flip=flip)
+  top = jax.random.uniform(top_key) * (height - crop_height)
+  left = jax.random.uniform(left_key) * (width - crop_width)
+  return jnp.stack([left, top, left + crop_width, top + crop_height]), flip
 
 
-def _resize(image: Image.Image, geometry: Geometry, resolution: int) -> Image.Image:
-  # PIL's bilinear filter widens with the downscale factor, so shrinking averages the area
-  # instead of aliasing; the box crops at sub-pixel precision in the same pass.
-  size = (resolution, resolution)
-  full = (0.0, 0.0, float(image.width), float(image.height))
-  if image.size != size or geometry.box != full:
-    image = image.resize(size, Image.Resampling.BILINEAR, box=geometry.box)
-  return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if geometry.flip else image
+def _draw_factors(key: jax.Array, settings: AugmentSettings) -> jax.Array:
+  spread = jnp.array([settings.brightness, settings.contrast, settings.saturation], jnp.float32)
+  return 1.0 + jax.random.uniform(key, (3,), minval=-1.0, maxval=1.0) * spread
 
 
-def transform_example(example: dict[str, np.ndarray], geometry: Geometry,
-                      resolution: int) -> dict[str, np.ndarray]:
-  """Crops, resizes and flips all four images alike, to (R, R, C).
-
-  The photos stay uint8 (what PIL resizes fastest, and the precision they came in); the mask
-  and depth become float32 in [0, 1], the mask resized as soft values (threshold it afterwards)
-  and depth in float so the uint16 codes keep their precision.
-  """
-  out = {key: np.asarray(_resize(Image.fromarray(example[key]), geometry, resolution))
-         for key in schema.IMAGE_KEYS}
-  mask = example["mask"][..., 0].astype(np.float32) / 255.0
-  depth = example["depth"][..., 0].astype(np.float32) / schema.DEPTH_MAX_CODE
-  for key, label in (("mask", mask), ("depth", depth)):
-    resized = np.asarray(_resize(Image.fromarray(label), geometry, resolution))
-    # Bilinear weights are convex, so only float rounding can leave [0, 1].
-    out[key] = np.clip(resized, 0.0, 1.0)[..., None]
-  return out
-
-
-def jitter_photometric(image: np.ndarray, rng: np.random.Generator,
-                             settings: AugmentSettings) -> np.ndarray:
-  """Brightness, contrast and saturation factors in [1 - s, 1 + s], applied in that order to a
-  uint8 (H, W, 3) image with PIL's ImageEnhance: what torchvision's ColorJitter does to PIL
-  images (a fixed order here, so a record's seed fixes the result)."""
-  brightness = 1.0 + rng.uniform(-settings.brightness, settings.brightness)
-  contrast = 1.0 + rng.uniform(-settings.contrast, settings.contrast)
-  saturation = 1.0 + rng.uniform(-settings.saturation, settings.saturation)
-  pil_image = Image.fromarray(image)
-  pil_image = ImageEnhance.Brightness(pil_image).enhance(brightness)
-  pil_image = ImageEnhance.Contrast(pil_image).enhance(contrast)
-  pil_image = ImageEnhance.Color(pil_image).enhance(saturation)
-  return np.asarray(pil_image)
-
-
-def augment_example(example: dict[str, np.ndarray], rng: np.random.Generator | None,
-                    settings: AugmentSettings | None, resolution: int) -> dict[str, np.ndarray]:
-  """The whole per-example transform to `resolution`: photos uint8, mask and depth float32 in
-  [0, 1] (see `transform_example`).
-
-  Without settings (or rng) the full frame is only resized. The draws come from `rng` in a fixed
-  order (geometry, bg jitter, fg_bg jitter) so a record's seed fixes its result.
-  """
+def _augment_example(example: dict[str, jax.Array], key: jax.Array, *,
+                     settings: AugmentSettings | None, resolution: int,
+                     binarize_mask: bool) -> dict[str, jax.Array]:
   height, width = example["fg_bg"].shape[:2]
-  if settings is None or rng is None:
-    return transform_example(example, full_frame(height, width), resolution)
-  out = transform_example(example, draw_geometry(rng, height, width, settings), resolution)
-  for key in schema.IMAGE_KEYS:
-    out[key] = jitter_photometric(out[key], rng, settings)
+  geometry_key, bg_key, fg_bg_key = jax.random.split(key, 3)
+  if settings is None:
+    box, flip = jnp.array([0.0, 0.0, width, height], jnp.float32), jnp.bool_(False)
+  else:
+    box, flip = draw_geometry(geometry_key, height, width, settings)
+  resize = functools.partial(crop_resize, box=box, flip=flip, resolution=resolution)
+
+  out = {}
+  for name, photo_key in (("bg", bg_key), ("fg_bg", fg_bg_key)):
+    photo = resize(example[name].astype(jnp.float32))
+    if settings is not None:
+      photo = jitter_photometric(photo, _draw_factors(photo_key, settings))
+    scale, offset = schema.photo_normalization(name)
+    out[name] = photo * scale + offset
+  mask = jnp.clip(resize(example["mask"].astype(jnp.float32) / 255.0), 0.0, 1.0)
+  out["mask"] = (mask > 0.5).astype(jnp.float32) if binarize_mask else mask
+  out["depth"] = jnp.clip(resize(example["depth"].astype(jnp.float32) / schema.DEPTH_MAX_CODE),
+                          0.0, 1.0)
   return out
+
+
+def augment_batch(batch: dict[str, jax.Array], key: jax.Array, step: jax.Array, *,
+                  settings: AugmentSettings | None, resolution: int,
+                  binarize_mask: bool) -> dict[str, jax.Array]:
+  """A stored-format global batch → model inputs.
+
+  `batch`: `bg`, `fg_bg` uint8 (B, H, W, 3), `mask` uint8 and `depth` uint16 (B, H, W, 1).
+  Returns float32 `bg`, `fg_bg` normalised (dmjax.data.schema), `mask` (thresholded at 0.5 if
+  `binarize_mask`) and `depth` in [0, 1], all (B, R, R, C). Without settings the full frame is
+  only resized, as evaluation batches are (`dmjax.data.pipeline.create_eval_batches`).
+  """
+  step_key = jax.random.fold_in(key, step)
+  keys = jax.vmap(functools.partial(jax.random.fold_in, step_key))(
+      jnp.arange(batch["fg_bg"].shape[0]))
+  example = {k: batch[k] for k in schema.KEYS}
+  return jax.vmap(functools.partial(_augment_example, settings=settings, resolution=resolution,
+                                    binarize_mask=binarize_mask))(example, keys)

@@ -1,21 +1,19 @@
 """The grain input pipeline: training batches, evaluation batches, and building the data.
 
-Training stream, per record: shuffle (config.seed, reshuffled every epoch) → repeat forever →
-decode → joint augmentation → resize → normalise, then every JAX process takes its stride of the
-stream and batches it (dropping nothing: the stream is infinite). Records are computed lazily,
-so a process only decodes its own; their random draws come from grain's per-record seed (the
-record's position in the global stream), so batches do not depend on the number of worker
-processes, and augmentation does not depend on the number of JAX processes.
+Training batches: the host only gathers. Global batch k is positions [k·B, (k+1)·B) of an
+endless stream that visits the training examples in a new order each epoch (numpy permutations
+of (config.seed, epoch)); every JAX process takes its slice of each global batch. Examples leave
+as stored (uint8 photos and mask, uint16 depth) at `data.transfer_resolution`; the train step
+augments, resizes and normalises them (`dmjax.data.augment`), so batches depend neither on the
+number of worker processes nor on the number of JAX processes. `data.predecoded` decodes the
+split once into memory-mapped arrays next to the built dataset, so that gathering is a copy
+(what feeds a GPU at small resolutions).
 
 The batched stream is random-access, so an iterator's state is just the number of batches it has
 handed out; restoring rebuilds the stream from there (with any worker count).
 
-With `config.data.on_device` the host only gathers: global batch k is positions
-[k·B, (k+1)·B) of an endless stream that visits the training examples in a new order each epoch
-(numpy permutations of (config.seed, epoch)), each example as stored (uint8 photos and mask,
-uint16 depth) at `data.transfer_resolution`; `dmjax.data.device_augment` does the rest inside the
-train step. `data.predecoded` decodes the split once into memory-mapped arrays next to the built
-dataset, so that gathering is a copy (what feeds a GPU at small resolutions).
+Evaluation batches are made on the host: each example's whole frame resized to
+`data.resolution` with PIL and normalised, no augmentation (`prepare_eval_example`).
 
 Reading needs neither TensorFlow nor the builder's inputs, only the built ArrayRecord files;
 building (`prepare`) renders or reads the sources once.
@@ -38,11 +36,11 @@ from collections.abc import Iterator
 import grain
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 from absl import flags, logging
-from PIL import Image
 
-from dmjax import errors
-from dmjax.data import augment, schema, sources, tfds_builder
+from dmjax import errors, progress
+from dmjax.data import schema, sources, tfds_builder
 
 
 def prepare(config: ml_collections.ConfigDict) -> None:
@@ -63,9 +61,12 @@ def prepare(config: ml_collections.ConfigDict) -> None:
       sources.get_source(config, reload=True)
     else:
       logging.info("Building %s in %s.", source.name, source.builder.data_dir)
+      # The builders report progress with an ETA (dmjax.progress); TFDS's own bars know no total
+      # and would fight them for the terminal's line.
+      tfds.display_progress_bar(False)
       source.builder.download_and_prepare(file_format="array_record",
                                           download_config=source.download_config)
-  if config.data.on_device and config.data.predecoded:
+  if config.data.predecoded:
     predecode(config, "train")
 
 
@@ -110,35 +111,21 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, process_index: i
   """An endless iterator of this process's training batches, checkpointable with grain's
   CheckpointHandler (`get_state()` → bytes, `set_state(bytes)`, `start_prefetch()`).
 
-  Batches: `bg`, `fg_bg` float32 (b, R, R, 3) normalised with the channel statistics of
-  dmjax.data.schema; `mask`, `depth` float32 (b, R, R, 1) in [0, 1]; b = batch_size /
-  process_count. With `config.data.on_device`, stored examples instead (uint8 photos and mask,
-  uint16 depth) for `dmjax.data.device_augment`.
+  Batches of stored examples (dmjax.data.schema): `bg`, `fg_bg` uint8 (b, S, S, 3), `mask` uint8
+  and `depth` uint16 (b, S, S, 1); b = batch_size / process_count, S = data.transfer_resolution
+  (0: as stored). The train step makes model inputs of them (`dmjax.data.augment`).
   """
   process_index, process_count = _process(process_index, process_count)
   local_batch_size = _local_batch_size(config.batch_size, process_count, "config.batch_size")
   source = _built_source(config, "train")
   identity = {"dataset": source.name, "seed": config.seed, "batch_size": local_batch_size,
-              "process_index": process_index, "process_count": process_count}
-  if config.data.predecoded and not config.data.on_device:
-    raise errors.UserError("config.data.predecoded=True needs config.data.on_device=True (the host "
-                           "augmentation decodes and resizes each example anyway)")
-  if config.data.on_device:
-    examples = (PredecodedExamples(predecode(config, "train")) if config.data.predecoded
-                else DecodedExamples(_data_source(source, "train"),
-                                     config.data.transfer_resolution))
-    batches = grain.MapDataset.range(_ENDLESS).map(StoredBatch(
-        examples, seed=config.seed, global_batch_size=config.batch_size,
-        local_batch_size=local_batch_size, process_index=process_index))
-    identity.update(on_device=True, transfer_resolution=config.data.transfer_resolution)
-    return TrainIterator(batches, identity, num_workers=config.data.num_workers,
-                         prefetch=config.data.prefetch)
-  records = grain.MapDataset.source(_data_source(source, "train"))
-  records = records.shuffle(seed=config.seed).repeat()
-  records = records.map(DecodeExample())
-  records = records.random_map(
-      PrepareExample.from_config(config.data, augmentation=True), seed=config.seed)
-  batches = records[process_index::process_count].batch(local_batch_size, drop_remainder=True)
+              "process_index": process_index, "process_count": process_count,
+              "transfer_resolution": config.data.transfer_resolution}
+  examples = (PredecodedExamples(predecode(config, "train")) if config.data.predecoded
+              else DecodedExamples(_data_source(source, "train"), config.data.transfer_resolution))
+  batches = grain.MapDataset.range(_ENDLESS).map(StoredBatch(
+      examples, seed=config.seed, global_batch_size=config.batch_size,
+      local_batch_size=local_batch_size, process_index=process_index))
   return TrainIterator(batches, identity, num_workers=config.data.num_workers,
                        prefetch=config.data.prefetch)
 
@@ -165,44 +152,35 @@ def create_eval_batches(config: ml_collections.ConfigDict, split: str, num_examp
   slots = slots.map(_EvalSlot(data_source, total, global_batch_size, local_batch_size,
                               process_index))
   examples = slots.map(DecodeAndPrepareEvalExample(
-      PrepareExample.from_config(config.data, augmentation=False)))
+      resolution=int(config.data.resolution), binarize_mask=bool(config.data.binarize_mask)))
   batches = examples.batch(local_batch_size)
   return iter(batches.to_iter_dataset(_read_options(config.data.prefetch)))
 
 
-class DecodeExample(grain.transforms.Map):
-  """Raw image bytes from the data source → the stored format of dmjax.data.schema."""
+def prepare_eval_example(example: dict[str, np.ndarray], resolution: int,
+                         binarize_mask: bool) -> dict[str, np.ndarray]:
+  """A stored-format example → model inputs at (R, R), without augmentation: the photos
+  normalised float32 (dmjax.data.schema), the mask and depth float32 (R, R, 1) in [0, 1], the
+  mask thresholded at 0.5 if `binarize_mask`.
 
-  def map(self, element: dict[str, bytes]) -> dict[str, np.ndarray]:
-    return tfds_builder.decode_example(element)
+  The photos are resized as uint8 (the precision they came in), the mask and depth as floats,
+  so the uint16 depth codes keep their precision and the mask its soft edges until thresholded.
+  """
+  def resize(image):
+    return schema.resize_whole_frame(image, resolution, resolution)
 
-
-@dataclasses.dataclass(frozen=True)
-class PrepareExample(grain.transforms.RandomMap):
-  """Stored format → model inputs: augmented (if set), resized, normalised, float32."""
-
-  resolution: int
-  settings: augment.AugmentSettings | None
-  binarize_mask: bool
-
-  @classmethod
-  def from_config(cls, data_config: ml_collections.ConfigDict, *,
-                  augmentation: bool) -> PrepareExample:
-    settings = augment.AugmentSettings.from_config(data_config.augment) if augmentation else None
-    return cls(resolution=int(data_config.resolution), settings=settings,
-               binarize_mask=bool(data_config.binarize_mask))
-
-  def random_map(self, element: dict[str, np.ndarray],
-                 rng: np.random.Generator | None) -> dict[str, np.ndarray]:
-    out = augment.augment_example(element, rng, self.settings, self.resolution)
-    for key in schema.IMAGE_KEYS:
-      out[key] = schema.normalize_photo(out[key], key)
-    if self.binarize_mask:
-      out["mask"] = (out["mask"] > 0.5).astype(np.float32)
-    return out
+  out = {key: schema.normalize_photo(resize(example[key]), key) for key in schema.IMAGE_KEYS}
+  mask = example["mask"].astype(np.float32) / 255.0
+  depth = example["depth"].astype(np.float32) / schema.DEPTH_MAX_CODE
+  for key, label in (("mask", mask), ("depth", depth)):
+    # Bilinear weights are convex, so only float rounding can leave [0, 1].
+    out[key] = np.clip(resize(label), 0.0, 1.0)
+  if binarize_mask:
+    out["mask"] = (out["mask"] > 0.5).astype(np.float32)
+  return out
 
 
-_ENDLESS = sys.maxsize  # Batches in the on-device stream: it never runs out.
+_ENDLESS = sys.maxsize  # Batches in the training stream: it never runs out.
 
 
 class DecodedExamples:
@@ -256,15 +234,8 @@ class PredecodedExamples:
 
 def resize_stored(example: dict[str, np.ndarray], resolution: int) -> dict[str, np.ndarray]:
   """A stored-format example resized (whole frame, PIL bilinear) to (R, R), still stored format."""
-  out = {}
-  for key in schema.KEYS:
-    value = example[key]
-    if value.shape[:2] != (resolution, resolution):
-      image = Image.fromarray(value[..., 0] if value.shape[-1] == 1 else value)
-      resized = np.asarray(image.resize((resolution, resolution), Image.Resampling.BILINEAR))
-      value = resized.reshape(resolution, resolution, value.shape[-1]).astype(value.dtype)
-    out[key] = value
-  return out
+  return {key: schema.resize_whole_frame(example[key], resolution, resolution).astype(
+      example[key].dtype, copy=False) for key in schema.KEYS}
 
 
 @dataclasses.dataclass
@@ -371,7 +342,8 @@ def _write_predecoded(examples: DecodedExamples, first: dict[str, np.ndarray], d
             for key, value in first.items()}
   decoded = grain.MapDataset.source(examples).to_iter_dataset(
       grain.ReadOptions(num_threads=max(os.cpu_count() or 1, 1), prefetch_buffer_size=256))
-  for index, example in enumerate(decoded):
+  for index, example in enumerate(progress.track(decoded, f"predecode {split}", len(examples),
+                                                unit="examples")):
     for key, array in arrays.items():
       if example[key].shape != array.shape[1:]:
         raise errors.UserError(f"{split} example {index} is {example[key].shape[:2]}, the first "
@@ -400,11 +372,15 @@ class _EvalSlot(grain.transforms.Map):
 
 @dataclasses.dataclass(frozen=True)
 class DecodeAndPrepareEvalExample(grain.transforms.Map):
-  prepare_example: PrepareExample
+  """(raw example, weight) → `prepare_eval_example`'s model inputs and `example_weight`."""
+
+  resolution: int
+  binarize_mask: bool
 
   def map(self, element: tuple[dict[str, bytes], float]) -> dict[str, np.ndarray]:
     raw, weight = element
-    out = self.prepare_example.random_map(tfds_builder.decode_example(raw), None)
+    out = prepare_eval_example(tfds_builder.decode_example(raw), self.resolution,
+                               self.binarize_mask)
     out["example_weight"] = np.float32(weight)
     return out
 
@@ -460,6 +436,13 @@ class TrainIterator:
 
   def set_state(self, state: bytes) -> None:
     restored = json.loads(state.decode() if isinstance(state, bytes) else state)
+    # Before issue 14 the host could augment instead; its states lack `transfer_resolution`,
+    # and those of this stream say `on_device: true`.
+    if "transfer_resolution" not in restored:
+      raise errors.UserError("the saved data iterator state is of the host augmentation path, "
+                             "which no longer exists; start a new run from that checkpoint with "
+                             "--config.init_from=WORKDIR")
+    restored.pop("on_device", None)
     keys = (self._identity.keys() | restored.keys()) - {"next_batch"}
     differing = {k: (restored.get(k), self._identity.get(k)) for k in sorted(keys)
                  if restored.get(k) != self._identity.get(k)}

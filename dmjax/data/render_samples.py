@@ -4,96 +4,70 @@ r"""Renders synthetic examples to PNG files and one contact sheet, to look at th
 
 Writes, per example, `{split}_{index:05d}_{bg,fg_bg,mask}.png` and `..._depth.png` (the uint16
 depth codes of `dmjax.data.schema` as a 16-bit grayscale PNG), and `samples.png`: one column per
-example, rows bg, fg_bg, mask and depth colour-mapped (dark blue near, yellow far; the scale runs
-from 0 to SYNTHETIC_MAX_DEPTH_M). Existing files are left alone unless --overwrite is given.
+example, rows bg, fg_bg, mask and depth colour-mapped (`dmjax.visualize.colorize`: dark near,
+bright far; the scale runs from 0 to SYNTHETIC_MAX_DEPTH_M). Existing files are left alone unless
+--overwrite is given.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+from collections.abc import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from PIL import Image
 
+from dmjax import cli, errors, visualize
 from dmjax.data import schema, synthetic
 
-_OUT = flags.DEFINE_string("out", None, "Folder to write the PNG files to (created if missing).")
-_SPLIT = flags.DEFINE_enum("split", "train", synthetic.SPLITS, "Split to render.")
-_NUM = flags.DEFINE_integer("num", 8, "Number of examples, starting at --start.")
-_START = flags.DEFINE_integer("start", 0, "Index of the first example.")
-_RESOLUTION = flags.DEFINE_integer("resolution", 192, "Side of the rendered images in pixels.")
-_SEED = flags.DEFINE_integer("seed", 0, "Dataset seed (data.synthetic.seed).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace files that already exist.")
 
-# Control points of a perceptually ordered colour map from dark blue through green to yellow.
-_COLORMAP_POINTS = np.array([
-    (0.00, 0.27, 0.00, 0.33),
-    (0.25, 0.23, 0.32, 0.55),
-    (0.50, 0.13, 0.57, 0.55),
-    (0.75, 0.37, 0.79, 0.38),
-    (1.00, 0.99, 0.91, 0.14),
-])
-_GAP = 2  # Pixels between the tiles of the contact sheet.
-
-
-def colormap(values: np.ndarray) -> np.ndarray:
-  """uint8 RGB (..., 3) for values in [0, 1], linear between the control points."""
-  values = np.clip(values, 0, 1)
-  channels = [np.interp(values, _COLORMAP_POINTS[:, 0], _COLORMAP_POINTS[:, c])
-              for c in (1, 2, 3)]
-  return np.round(np.stack(channels, axis=-1) * 255).astype(np.uint8)
-
-
-def depth_image(depth: np.ndarray) -> np.ndarray:
-  return colormap(depth[..., 0].astype(np.float32) / schema.DEPTH_MAX_CODE)
+def define_flags(f: flags.FlagValues, argv: list[str]) -> None:
+  del argv
+  flags.DEFINE_string("out", None, "Folder to write the PNG files to (created if missing).",
+                      flag_values=f, required=True)
+  flags.DEFINE_enum("split", "train", synthetic.SPLITS, "Split to render.", flag_values=f)
+  flags.DEFINE_integer("num", 8, "Number of examples, starting at --start.", lower_bound=1,
+                       flag_values=f)
+  flags.DEFINE_integer("start", 0, "Index of the first example.", flag_values=f)
+  flags.DEFINE_integer("resolution", 192, "Side of the rendered images in pixels.",
+                       flag_values=f)
+  flags.DEFINE_integer("seed", 0, "Dataset seed (data.synthetic.seed).", flag_values=f)
+  flags.DEFINE_bool("overwrite", False, "Replace files that already exist.", flag_values=f)
 
 
 def contact_sheet(examples: list[dict[str, np.ndarray]]) -> np.ndarray:
   """One column per example; rows bg, fg_bg, mask and colour-mapped depth."""
-  rows = []
-  for example in examples:
-    rows.append([example["bg"], example["fg_bg"], np.repeat(example["mask"], 3, axis=-1),
-                 depth_image(example["depth"])])
-  size = examples[0]["bg"].shape[0]
-  columns, tiles = len(examples), 4
-  sheet = np.full((tiles * size + (tiles - 1) * _GAP, columns * size + (columns - 1) * _GAP, 3),
-                  255, np.uint8)
-  for column, images in enumerate(rows):
-    for row, image in enumerate(images):
-      top, left = row * (size + _GAP), column * (size + _GAP)
-      sheet[top:top + size, left:left + size] = image
-  return sheet
+  columns = [[example["bg"], example["fg_bg"], np.repeat(example["mask"], 3, axis=-1),
+              visualize.colorize(example["depth"][..., 0] / schema.DEPTH_MAX_CODE)]
+             for example in examples]
+  return visualize.tile_grid([list(row) for row in zip(*columns, strict=True)])
 
 
-def main(argv):
-  del argv
-  if _NUM.value < 1:
-    sys.exit("render_samples: --num must be at least 1")
-  indices = range(_START.value, _START.value + _NUM.value)
-  outputs = {}
-  for index in indices:
-    for key in schema.KEYS:
-      outputs[(index, key)] = os.path.join(_OUT.value, f"{_SPLIT.value}_{index:05d}_{key}.png")
-  sheet_path = os.path.join(_OUT.value, "samples.png")
+def render_samples(f: flags.FlagValues) -> None:
+  indices = range(f.start, f.start + f.num)
+  outputs = {(index, key): os.path.join(f.out, f"{f.split}_{index:05d}_{key}.png")
+             for index in indices for key in schema.KEYS}
+  sheet_path = os.path.join(f.out, "samples.png")
   existing = [p for p in [*outputs.values(), sheet_path] if os.path.exists(p)]
-  if existing and not _OVERWRITE.value:
-    sys.exit(f"render_samples: {existing[0]} already exists ({len(existing)} files would be "
-             "replaced); pass --overwrite to replace them")
-  os.makedirs(_OUT.value, exist_ok=True)
+  if existing and not f.overwrite:
+    raise errors.UserError(f"{existing[0]} already exists ({len(existing)} files would be "
+                           "replaced); pass --overwrite to replace them")
+  os.makedirs(f.out, exist_ok=True)
   examples = []
   for index in indices:
-    example = synthetic.render_example(_SPLIT.value, index, resolution=_RESOLUTION.value,
-                                       seed=_SEED.value)
+    example = synthetic.render_example(f.split, index, resolution=f.resolution, seed=f.seed)
     examples.append(example)
     for key in schema.KEYS:
       image = example[key]
       Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(outputs[(index, key)])
   Image.fromarray(contact_sheet(examples)).save(sheet_path, optimize=True)
-  print(f"wrote {len(outputs) + 1} files to {_OUT.value}")
+  print(f"wrote {len(outputs) + 1} files to {f.out}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  cli.run(__doc__, define_flags, render_samples, argv, program="dmjax.data.render_samples")
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("out")
-  app.run(main)
+  main()

@@ -1,6 +1,6 @@
 """What one example is, whichever source it comes from.
 
-Stored examples (the renderer, the seed-layout reader and the TFDS builder all produce these):
+Stored examples (the renderer, the original-layout reader and the TFDS builder produce these):
 
   bg     uint8  (H, W, 3)  the background photo
   fg_bg  uint8  (H, W, 3)  the composite: an object over (a re-shot of) the same background
@@ -21,6 +21,7 @@ seed's per-image rescale puts its nearest pixel at exactly 0), and clip predicti
 """
 
 import numpy as np
+from PIL import Image
 
 IMAGE_KEYS = ("bg", "fg_bg")
 LABEL_KEYS = ("mask", "depth")
@@ -53,3 +54,15 @@ def denormalize_photo(image: np.ndarray, key: str) -> np.ndarray:
   """The model's input back to RGB in [0, 1]."""
   mean, std = np.array(PHOTO_MEAN[key], np.float32), np.array(PHOTO_STD[key], np.float32)
   return np.clip(np.asarray(image) * std + mean, 0.0, 1.0)
+
+
+def resize_whole_frame(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """(H, W, C) → (height, width, C) with PIL's bilinear filter, which widens with the downscale
+  factor, so shrinking averages the area instead of aliasing; as is if already that size. The
+  one resize between stored examples and what the model sees, in evaluation and in prediction.
+  uint8 stays uint8 (rounded as PIL rounds); float32 images (one channel) stay float32."""
+  if image.shape[:2] == (height, width):
+    return image
+  plane = image[..., 0] if image.shape[-1] == 1 else image
+  resized = Image.fromarray(plane).resize((width, height), Image.Resampling.BILINEAR)
+  return np.asarray(resized).reshape(height, width, image.shape[-1])

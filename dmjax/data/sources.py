@@ -57,17 +57,17 @@ def synthetic_source(config: ml_collections.ConfigDict, reload: bool = False) ->
   return Source(builder=builder, splits=tfds_builder.SPLITS, download_config=_download_config())
 
 
-def seed_source(config: ml_collections.ConfigDict, reload: bool = False) -> Source:
-  builder = _builder(tfds_builder.DmjaxSeed, tfds_builder.SeedConfig.from_config(config),
+def original_source(config: ml_collections.ConfigDict, reload: bool = False) -> Source:
+  builder = _builder(tfds_builder.DmjaxOriginal, tfds_builder.OriginalConfig.from_config(config),
                      _data_dir(config), reload)
-  manual_dir = tfds_builder.seed_manual_dir(config.data.dir)
+  manual_dir = tfds_builder.original_manual_dir(config.data.dir)
   return Source(builder=builder, splits=tfds_builder.SPLITS,
                 download_config=_download_config(manual_dir=manual_dir))
 
 
 SOURCES: dict[str, Callable[..., Source]] = {
     "synthetic": synthetic_source,
-    "seed": seed_source,
+    "original": original_source,
 }
 
 
@@ -75,6 +75,9 @@ def get_source(config: ml_collections.ConfigDict, *, reload: bool = False) -> So
   """The source `config.data.source` names; `reload`: with a new builder, which reads what is
   built now (another process may have built it since this one made its builder)."""
   factory = SOURCES.get(config.data.source)
+  if config.data.source == "seed":  # Its name before issue 14.
+    raise errors.UserError("config.data.source='seed': the original system's data is now "
+                           "config.data.source='original'")
   if factory is None:
     raise errors.UserError(f"config.data.source={config.data.source!r} is not a known data source; "
                            f"known: {sorted(SOURCES)}")

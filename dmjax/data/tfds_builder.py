@@ -1,14 +1,15 @@
-"""TFDS builders that store the synthetic scenes and the seed layout as ArrayRecord files.
+"""TFDS builders that store the synthetic scenes and the original layout as ArrayRecord files.
 
 Every image is stored encoded, and encoded here with PIL: PNG for rendered scenes and for depth,
-the seed's own JPEG bytes where they already decode to the stored format. So neither building
-nor reading needs TensorFlow. Readers ask TFDS for the raw bytes (`RAW_DECODERS`) and decode
-with `decode_example`, because TFDS decodes uint16 PNGs with NumPy only through OpenCV; PIL also
-makes the decoded pixels the same on every machine.
+the original dataset's own JPEG bytes where they already decode to the stored format. So neither
+building nor reading needs TensorFlow. Readers ask TFDS for the raw bytes (`RAW_DECODERS`) and
+decode with `decode_example`, because TFDS decodes uint16 PNGs with NumPy only through OpenCV;
+PIL also makes the decoded pixels the same on every machine.
 
 Config names encode every setting that changes the data, so different settings never share a
 directory: `dmjax_synthetic/r80_n12000_t1000_s0`, `dmjax_seed/image_t30_s0_<hash of the folder
-and layout>`.
+and layout>` (the original layout's datasets keep the directory name they had when the original
+system was called "seed", so data built then is still found).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from dmjax import errors
-from dmjax.data import schema, seed_layout, synthetic
+from dmjax import errors, progress
+from dmjax.data import original_layout, schema, synthetic
 
 SPLITS = ("train", "test")
 RAW_DECODERS = {key: tfds.decode.SkipDecoding() for key in schema.KEYS}
@@ -50,7 +51,7 @@ def _features() -> tfds.features.FeaturesDict:
 
 def encode_example(example: dict[str, np.ndarray]) -> dict[str, bytes]:
   """A stored-format example (dmjax.data.schema) as PNG bytes per image."""
-  return {key: seed_layout.encode_png(example[key]) for key in schema.KEYS}
+  return {key: original_layout.encode_png(example[key]) for key in schema.KEYS}
 
 
 def decode_example(encoded: dict[str, bytes]) -> dict[str, np.ndarray]:
@@ -110,13 +111,16 @@ class DmjaxSynthetic(tfds.core.GeneratorBasedBuilder):
     config = self.builder_config
     tasks = ((split, index, config.resolution, config.scene_seed) for index in range(num_examples))
     num_processes = min(len(os.sched_getaffinity(0)), num_examples // _MIN_EXAMPLES_PER_PROCESS)
+    what = f"render {split}"
     if num_processes <= 1:
-      yield from enumerate(map(_render_encoded, tasks))
+      yield from enumerate(progress.track(map(_render_encoded, tasks), what, num_examples,
+                                          unit="scenes"))
       return
-    # Rendering is the slow part of a build (hours for the seed-sized set on one core). Spawned,
+    # Rendering is the slow part of a build (hours for the full-sized set on one core). Spawned,
     # not forked: the parent may already run JAX or TensorFlow threads.
     with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
-      yield from enumerate(pool.imap(_render_encoded, tasks, chunksize=8))
+      yield from enumerate(progress.track(pool.imap(_render_encoded, tasks, chunksize=8), what,
+                                          num_examples, unit="scenes"))
 
 
 def _render_encoded(task: tuple[str, int, int, int]) -> dict[str, bytes]:
@@ -125,28 +129,29 @@ def _render_encoded(task: tuple[str, int, int, int]) -> dict[str, bytes]:
 
 
 @dataclasses.dataclass
-class SeedConfig(tfds.core.BuilderConfig):
-  """The seed layout found in one folder, split one way."""
+class OriginalConfig(tfds.core.BuilderConfig):
+  """The original layout found in one folder, split one way."""
 
   split: str = "image"
   test_fraction: float = 0.3
   split_seed: int = 0
-  layout_json: str = "{}"  # config.data.seed_layout as JSON (a dataclass field must be hashable).
+  # config.data.original_layout as JSON (a dataclass field must be hashable).
+  layout_json: str = "{}"
   root_name: str = ""  # When config.data.dir is a zip: its name inside the manual_dir.
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> SeedConfig:
+  def from_config(cls, config: ml_collections.ConfigDict) -> OriginalConfig:
     data = config.data
-    layout = data.seed_layout
+    layout = data.original_layout
     if not data.dir:
-      raise errors.UserError("config.data.source='seed' needs config.data.dir: the folder (or zip) "
-                             "holding the seed layout")
+      raise errors.UserError("config.data.source='original' needs config.data.dir: the folder (or "
+                             "zip) holding the original layout")
     layout_json = json.dumps(layout.to_dict(), sort_keys=True)
     # The folder itself (not the path as given, which depends on the working directory) and
     # what is in it now: another or a changed folder is another dataset.
     where = os.path.realpath(data.dir)
-    contents = seed_layout.folder_fingerprint(
-        where, tuple(layout[key] for key in seed_layout.FOLDER_KEYS))
+    contents = original_layout.folder_fingerprint(
+        where, tuple(layout[key] for key in original_layout.FOLDER_KEYS))
     digest = hashlib.sha256(f"{where}\n{contents}\n{layout_json}".encode()).hexdigest()[:10]
     fraction = f"{layout.test_fraction * 100:g}".replace(".", "p")
     # Configs saved before `split_seed` existed split with the training seed.
@@ -156,28 +161,29 @@ class SeedConfig(tfds.core.BuilderConfig):
                split_seed=split_seed,
                layout_json=layout_json,
                root_name=os.path.basename(where) if os.path.isfile(where) else "",
-               description=f"The seed layout in {where}, split by {layout.split}.")
+               description=f"The original layout in {where}, split by {layout.split}.")
 
   @property
   def layout(self) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(self.layout_json))
 
 
-def seed_manual_dir(data_dir: str) -> str:
+def original_manual_dir(data_dir: str) -> str:
   """The folder TFDS is told to read by hand: config.data.dir, or the folder of its zip."""
-  where = os.path.realpath(data_dir)  # As SeedConfig names it.
+  where = os.path.realpath(data_dir)  # As OriginalConfig names it.
   return os.path.dirname(where) if os.path.isfile(where) else where
 
 
-class DmjaxSeed(tfds.core.GeneratorBasedBuilder):
-  """The seed dataset (SPEC §4) in the layout users bring, paired and checked."""
+class DmjaxOriginal(tfds.core.GeneratorBasedBuilder):
+  """The original system's dataset (SPEC §4) in the layout users bring, paired and checked."""
 
+  name = "dmjax_seed"  # Its name before the rename: datasets built then are found as they are.
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Set config.data.dir to the folder holding bg/, bg_fg/, mask/ and depth/ (unpacked, or inside
   zips in that folder, or a single zip); folder names and file-name patterns come from
-  config.data.seed_layout."""
+  config.data.original_layout."""
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(features=_features(), disable_shuffling=True,
@@ -188,12 +194,13 @@ class DmjaxSeed(tfds.core.GeneratorBasedBuilder):
     root = os.fspath(dl_manager.manual_dir)
     if config.root_name:
       root = os.path.join(root, config.root_name)
-    layout = seed_layout.SeedLayout(root, config.layout)
-    splits = seed_layout.split_composites(layout.composites, config.split, config.test_fraction,
+    layout = original_layout.OriginalLayout(root, config.layout)
+    splits = original_layout.split_composites(layout.composites, config.split, config.test_fraction,
                                           config.split_seed)
     return {name: self._generate_examples(layout, composites)
             for name, composites in splits.items()}
 
-  def _generate_examples(self, layout: seed_layout.SeedLayout, composites):
-    for composite, encoded in layout.encoded_examples(composites):
+  def _generate_examples(self, layout: original_layout.OriginalLayout, composites):
+    for composite, encoded in progress.track(layout.encoded_examples(composites), "read photos",
+                                             len(composites), unit="examples"):
       yield composite.key, encoded

@@ -75,6 +75,7 @@ from clu import metrics as clu_metrics
 from flax import struct
 
 from dmjax.data.schema import DEPTH_VALID_MIN
+from dmjax.reductions import per_image_sum, weighted_sum
 
 MASK_THRESHOLD = 0.5
 DELTA_BASE = 1.25
@@ -168,21 +169,12 @@ class EvalMetrics(clu_metrics.Collection):
   checkerboard: EnergyRatio
 
 
-def _per_image_sum(values):
-  return jnp.sum(values, axis=tuple(range(1, values.ndim)))
-
-
-def _weighted_sum(per_example, weight):
-  """Σ weight · value over examples, with padding (weight 0) masked out rather than multiplied."""
-  return jnp.sum(jnp.where(weight > 0, weight * per_example, 0.0))
-
-
 def _mask_sums(mask_prob, mask_true, weight):
   predicted = mask_prob > MASK_THRESHOLD
   actual = mask_true > MASK_THRESHOLD
-  true_positives = _per_image_sum((predicted & actual).astype(jnp.float32))
-  false_positives = _per_image_sum((predicted & ~actual).astype(jnp.float32))
-  false_negatives = _per_image_sum((~predicted & actual).astype(jnp.float32))
+  true_positives = per_image_sum((predicted & actual).astype(jnp.float32))
+  false_positives = per_image_sum((predicted & ~actual).astype(jnp.float32))
+  false_negatives = per_image_sum((~predicted & actual).astype(jnp.float32))
 
   dice_denominator = 2 * true_positives + false_positives + false_negatives
   iou_denominator = true_positives + false_positives + false_negatives
@@ -193,14 +185,14 @@ def _mask_sums(mask_prob, mask_true, weight):
                             true_positives / jnp.maximum(iou_denominator, 1.0), 1.0)
 
   num_pixels = mask_prob[0].size
-  num_images = _weighted_sum(jnp.ones_like(weight), weight)
+  num_images = weighted_sum(jnp.ones_like(weight), weight)
   return {
-      "mask_dice": (_weighted_sum(2 * true_positives, weight),
-                    _weighted_sum(dice_denominator, weight)),
-      "mask_iou": (_weighted_sum(true_positives, weight), _weighted_sum(iou_denominator, weight)),
-      "mask_dice_per_image": (_weighted_sum(dice_per_image, weight), num_images),
-      "mask_iou_per_image": (_weighted_sum(iou_per_image, weight), num_images),
-      "mask_mae": (_weighted_sum(_per_image_sum(jnp.abs(mask_prob - mask_true)), weight),
+      "mask_dice": (weighted_sum(2 * true_positives, weight),
+                    weighted_sum(dice_denominator, weight)),
+      "mask_iou": (weighted_sum(true_positives, weight), weighted_sum(iou_denominator, weight)),
+      "mask_dice_per_image": (weighted_sum(dice_per_image, weight), num_images),
+      "mask_iou_per_image": (weighted_sum(iou_per_image, weight), num_images),
+      "mask_mae": (weighted_sum(per_image_sum(jnp.abs(mask_prob - mask_true)), weight),
                    num_images * num_pixels),
   }
 
@@ -208,14 +200,14 @@ def _mask_sums(mask_prob, mask_true, weight):
 def align_scale_and_shift(depth_pred, depth_true, valid):
   """Per image, the least-squares s·pred + t fitted to the truth over `valid` pixels."""
   valid = valid.astype(jnp.float32)
-  count = _per_image_sum(valid)
+  count = per_image_sum(valid)
   safe_count = jnp.maximum(count, 1.0)
-  pred_mean = _per_image_sum(valid * depth_pred) / safe_count
-  true_mean = _per_image_sum(valid * depth_true) / safe_count
+  pred_mean = per_image_sum(valid * depth_pred) / safe_count
+  true_mean = per_image_sum(valid * depth_true) / safe_count
   pred_centred = depth_pred - pred_mean[:, None, None, None]
   true_centred = depth_true - true_mean[:, None, None, None]
-  pred_variance = _per_image_sum(valid * pred_centred**2)
-  covariance = _per_image_sum(valid * pred_centred * true_centred)
+  pred_variance = per_image_sum(valid * pred_centred**2)
+  covariance = per_image_sum(valid * pred_centred * true_centred)
   degenerate = pred_variance <= ALIGNMENT_MIN_VARIANCE * count
   scale = jnp.where(degenerate, 0.0, covariance / jnp.where(degenerate, 1.0, pred_variance))
   shift = true_mean - scale * pred_mean
@@ -234,7 +226,7 @@ def _depth_sums(depth_pred, depth_true, valid, weight, suffix):
   worst_ratio = jnp.maximum(clipped / safe_true, safe_true / clipped)
 
   def valid_sum(per_pixel):
-    return _weighted_sum(_per_image_sum(jnp.where(valid > 0, per_pixel, 0.0)), weight)
+    return weighted_sum(per_image_sum(jnp.where(valid > 0, per_pixel, 0.0)), weight)
 
   num_valid = valid_sum(jnp.ones_like(depth_pred))
   per_pixel_terms = {
@@ -261,9 +253,9 @@ def nyquist_energy(images):
   row_sign = jnp.where(jnp.arange(height) % 2 == 0, 1.0, -1.0)[:, None, None]
   col_sign = jnp.where(jnp.arange(width) % 2 == 0, 1.0, -1.0)[None, :, None]
   windowed = images * (window / jnp.sum(window))
-  amplitude_x = _per_image_sum(windowed * col_sign)
-  amplitude_y = _per_image_sum(windowed * row_sign)
-  amplitude_xy = _per_image_sum(windowed * (row_sign * col_sign))
+  amplitude_x = per_image_sum(windowed * col_sign)
+  amplitude_y = per_image_sum(windowed * row_sign)
+  amplitude_xy = per_image_sum(windowed * (row_sign * col_sign))
   return amplitude_x**2 + amplitude_y**2 + amplitude_xy**2
 
 
@@ -291,8 +283,8 @@ def compute_metrics(mask_prob, depth_pred, batch, axis_name=None) -> EvalMetrics
   sums = _mask_sums(mask_prob, mask_true, weight)
   sums.update(_depth_sums(depth_pred, depth_true, valid, weight, suffix=""))
   sums.update(_depth_sums(aligned, depth_true, valid, weight, suffix="_aligned"))
-  sums["checkerboard"] = (_weighted_sum(nyquist_energy(depth_pred), weight),
-                          _weighted_sum(nyquist_energy(depth_true), weight))
+  sums["checkerboard"] = (weighted_sum(nyquist_energy(depth_pred), weight),
+                          weighted_sum(nyquist_energy(depth_true), weight))
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
 
@@ -376,3 +368,19 @@ def _safe_ratio(numerator, denominator, if_empty):
   numerator, denominator = np.asarray(numerator, np.float64), np.asarray(denominator, np.float64)
   return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0),
                   if_empty)
+
+
+# What a run's log and the evaluate tool show first.
+KEY_METRICS = ("mask_iou", "mask_dice", "depth_rmse", "depth_rmse_aligned", "depth_abs_rel",
+               "depth_delta1", "checkerboard")
+
+
+def format_table(results: dict[str, float], keys=KEY_METRICS) -> str:
+  """The `keys` of `results` beside their `baseline_` values, one per line."""
+  lines = [f"{'metric':<22}{'model':>10}{'baseline':>10}"]
+  for key in keys:
+    if key in results:
+      baseline = results.get("baseline_" + key)
+      shown = f"{baseline:>10.4f}" if baseline is not None else f"{'':>10}"
+      lines.append(f"{key:<22}{results[key]:>10.4f}{shown}")
+  return "\n".join(lines)

@@ -110,10 +110,10 @@ def _recording(step_fn, tally: ExampleTally):
 def evaluation_config(config: ml_collections.ConfigDict, *, data_dir: str = "",
                       tfds_dir: str | None = None,
                       batch_size: int | None = None) -> ml_collections.ConfigDict:
-  """A run's config pointed at other data (the seed layout in `data_dir`), if asked."""
+  """A run's config pointed at other data (the original layout in `data_dir`), if asked."""
   config = ml_collections.ConfigDict(config.to_dict())
   if data_dir:
-    config.data.source = "seed"
+    config.data.source = "original"
     config.data.dir = data_dir
   if tfds_dir is not None:
     config.data.tfds_dir = tfds_dir

@@ -1,6 +1,16 @@
 """Prediction with a trained model: `Predictor` (any photo size), photo pairs on disk (`photos`)."""
 
-from dmjax.inference.photos import read_image
-from dmjax.inference.predictor import FITS, Prediction, Predictor
+import importlib
+
+# Imported on first use, so that `dmjax.inference.exported` (a model file run with jax alone)
+# loads where Flax, which `predictor` imports, is not installed.
+_LAZY = {"FITS": "predictor", "Prediction": "predictor", "Predictor": "predictor",
+         "read_image": "photos"}
 
 __all__ = ["FITS", "Prediction", "Predictor", "read_image"]
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    return getattr(importlib.import_module(f"dmjax.inference.{_LAZY[name]}"), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

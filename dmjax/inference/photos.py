@@ -26,20 +26,37 @@ from dmjax.inference.predictor import Prediction, Predictor, as_uint8_rgb, image
 OUTPUT_KINDS = ("mask", "depth", "depth_color")
 
 
+def to_rgb(image: Image.Image, what: str) -> np.ndarray:
+  """An opened image → uint8 RGB (H, W, 3), upright per its EXIF orientation."""
+  image = ImageOps.exif_transpose(image)
+  if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+    # 16-bit grayscale: PIL's convert("RGB") would clip it at 255 instead of scaling it.
+    values = np.asarray(image, np.float64) / 65535.0
+    return as_uint8_rgb(values.astype(np.float32), what)
+  return np.asarray(image.convert("RGB"))
+
+
 def read_image(path: str) -> np.ndarray:
   """Any image PIL reads → uint8 RGB (H, W, 3), upright per its EXIF orientation."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such file")
   try:
     with Image.open(path) as image:
-      image = ImageOps.exif_transpose(image)
-      if image.mode in ("I", "I;16", "I;16B", "I;16L"):
-        # 16-bit grayscale: PIL's convert("RGB") would clip it at 255 instead of scaling it.
-        values = np.asarray(image, np.float64) / 65535.0
-        return as_uint8_rgb(values.astype(np.float32), path)
-      return np.asarray(image.convert("RGB"))
+      return to_rgb(image, path)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise errors.UserError(f"{path}: cannot read it as an image ({e})") from None
+
+
+def output_images(prediction: Prediction,
+                  kinds: Sequence[str] = OUTPUT_KINDS) -> dict[str, np.ndarray]:
+  """A prediction as the arrays its outputs store: the mask 8-bit (probability × 255), depth
+  16-bit (× 65535, 0 = nearest), depth colour-mapped (uint8 RGB)."""
+  makers = {
+      "mask": lambda: np.round(prediction.mask * 255).astype(np.uint8),
+      "depth": lambda: np.round(prediction.depth * schema.DEPTH_MAX_CODE).astype(np.uint16),
+      "depth_color": lambda: visualize.colorize(prediction.depth),
+  }
+  return {kind: makers[kind]() for kind in kinds}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,17 +153,12 @@ def overlay_picture(bg: np.ndarray, fg_bg: np.ndarray, prediction: Prediction,
   alpha = 0.6 * prediction.mask[..., None]
   tinted = fg_bg * (1 - alpha) + np.array([255.0, 40.0, 40.0]) * alpha
   panels = [bg, fg_bg, np.round(tinted).astype(np.uint8), visualize.colorize(prediction.depth)]
-  spacer = np.full((bg.shape[0], gap, 3), 255, np.uint8)
-  return np.concatenate([x for panel in panels for x in (panel, spacer)][:-1], axis=1)
+  return visualize.tile_grid([panels], gap=gap)
 
 
 def write_outputs(paths: dict[str, str], bg: np.ndarray, fg_bg: np.ndarray,
                   prediction: Prediction) -> None:
-  images = {
-      "mask": np.round(prediction.mask * 255).astype(np.uint8),
-      "depth": np.round(prediction.depth * schema.DEPTH_MAX_CODE).astype(np.uint16),
-      "depth_color": visualize.colorize(prediction.depth),
-  }
+  images = output_images(prediction)
   if "overlay" in paths:
     images["overlay"] = overlay_picture(bg, fg_bg, prediction)
   for kind, path in paths.items():
@@ -181,3 +193,14 @@ def predict_jobs(predictor: Predictor, jobs: Sequence[Job], out_dir: str, *, ove
     if progress:
       progress(done, len(jobs))
   return failures
+
+
+def demo_pair(height: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """A smooth random background and the same with a bright rectangle pasted in (uint8 RGB):
+  a pair whose answer is known, for tests and benchmarks."""
+  rng = np.random.default_rng(seed)
+  small = rng.integers(0, 256, (4, 4, 3), np.uint8)
+  bg = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR))
+  fg_bg = bg.copy()
+  fg_bg[height // 4:height // 2, width // 4:width // 2] = (250, 240, 30)
+  return bg, fg_bg

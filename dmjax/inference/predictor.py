@@ -16,10 +16,10 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from PIL import Image
 
 from dmjax import checkpoints, errors, models
 from dmjax.data import schema
+from dmjax.inference import exported as exported_lib
 from dmjax.models import layers, refiner
 
 FITS = ("auto", "resize", "pad")
@@ -48,17 +48,8 @@ def as_uint8_rgb(image: np.ndarray, what: str = "image") -> np.ndarray:
   return image[..., :3]  # Alpha dropped: a composite's pixels are what the camera saw.
 
 
-def _resize_photo(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  # PIL's bilinear on uint8, exactly what the evaluation pipeline does to full frames.
-  if image.shape[1::-1] == size:
-    return image
-  return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
-
-
 def _resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  if values.shape[1::-1] == size:
-    return values
-  resized = np.asarray(Image.fromarray(values).resize(size, Image.Resampling.BILINEAR))
+  resized = schema.resize_whole_frame(values[..., None], size[1], size[0])[..., 0]
   return np.clip(resized, 0.0, 1.0)
 
 
@@ -67,6 +58,12 @@ def _pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
   pad_height, pad_width = -height % multiple, -width % multiple
   # Repeated edge pixels, so the padding adds no edge the model could mistake for an object.
   return np.pad(image, ((0, pad_height), (0, pad_width), (0, 0)), mode="edge")
+
+
+def size_multiple(model) -> int:
+  """What the whole model needs height and width to be multiples of (`fit="pad"`)."""
+  return layers.SIZE_MULTIPLE * (refiner.REFINE_FACTOR if isinstance(model, refiner.Refined)
+                                 else 1)
 
 
 @dataclasses.dataclass
@@ -80,6 +77,9 @@ class Predictor:
             size); sharp edges at any size, bounded memory.
     resize  squeezed to the run's square training resolution, outputs resized back.
     pad     the whole model at the photo's own size, padded to the size multiple it needs.
+
+  `Predictor.from_exported(file)` runs a `dmjax.export` file instead (no model code): `resize`
+  and, where the file has symbolic sizes, `pad`; `auto` there means `resize`.
   """
 
   model: Any
@@ -89,16 +89,24 @@ class Predictor:
   fit: str = "auto"
   batch_size: int = 8
   config: Any = None  # The run's config, when it came from a workdir.
+  exported: exported_lib.ExportedModel | None = None  # Instead of model and variables.
 
   def __post_init__(self):
     if self.fit not in FITS:
       raise errors.UserError(f"fit={self.fit!r}: expected one of {FITS}")
     if self.batch_size < 1:
       raise errors.UserError(f"batch_size={self.batch_size}: expected at least 1")
+    if self.exported is not None:
+      # "auto" is the refiner's cascade, which needs the model's code.
+      self.fit = "resize" if self.fit == "auto" else self.fit
+      # The exported function normalises uint8 photos itself (`_model_input`).
+      self._forward = lambda _, bg, fg_bg: self.exported(bg, fg_bg)
+      self._multiple, self._cascade = self.exported.size_multiple, None
+      return
     self.variables = jax.device_put(self.variables)
     self._forward = jax.jit(functools.partial(models.predict_probabilities, self.model))
     refined = isinstance(self.model, refiner.Refined)
-    self._multiple = layers.SIZE_MULTIPLE * (refiner.REFINE_FACTOR if refined else 1)
+    self._multiple = size_multiple(self.model)
     base_resolution = self.resolution // refiner.REFINE_FACTOR if refined else self.resolution
     self._cascade = refiner.Cascade(self.model, self.variables, base_resolution)
 
@@ -110,6 +118,28 @@ class Predictor:
     return cls(model=models.create_model(config.model), variables=variables,
                resolution=int(config.data.resolution), step=step, fit=fit,
                batch_size=batch_size, config=config)
+
+  @classmethod
+  def from_exported(cls, path: str, *, fit: str = "auto", batch_size: int = 8,
+                    expect_model: str | None = None) -> Predictor:
+    """A `dmjax.export` file (refused if exported from another model than `expect_model`).
+
+    `fit="auto"` needs the model's code (the refiner's cascade) and means `resize` here; `pad`
+    needs a file with symbolic sizes.
+    """
+    exported = exported_lib.load(path, expect_model=expect_model)
+    fixed_size = exported.fixed_size
+    if fit == "pad" and fixed_size is not None:
+      raise errors.UserError(f"{path}: exported at a fixed {fixed_size[0]}x{fixed_size[1]}, so "
+                             "it runs with fit=resize only")
+    if fixed_size is not None and fixed_size[0] != fixed_size[1]:
+      raise errors.UserError(f"{path}: exported at a fixed {fixed_size[0]}x{fixed_size[1]}; "
+                             "fit=resize needs a square size")
+    resolution = (fixed_size[0] if fixed_size is not None
+                  else int(exported.metadata["resolution_policy"]["training_resolution"]))
+    return cls(model=None, variables=None, resolution=resolution,
+               step=exported.metadata["checkpoint_step"] or 0, fit=fit, batch_size=batch_size,
+               exported=exported)
 
   def __call__(self, bg: np.ndarray, fg_bg: np.ndarray) -> Prediction:
     """Mask probability and depth for one pair (H, W[, C]) or a batch (B, H, W, C)."""
@@ -148,12 +178,19 @@ class Predictor:
                                         for m in (mask, depth)))
     return outputs
 
+  def working_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+    """(height, width) of each level `fit="auto"` runs for a photo of this size: the base
+    model's first, then each refiner step's."""
+    return self._cascade.sizes(height, width)
+
   def _model_input(self, bg: np.ndarray, fg_bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if self.fit == "resize":
-      size = (self.resolution, self.resolution)
-      bg, fg_bg = _resize_photo(bg, size), _resize_photo(fg_bg, size)
+      bg, fg_bg = (schema.resize_whole_frame(x, self.resolution, self.resolution)
+                   for x in (bg, fg_bg))
     elif self.fit == "pad":
       bg, fg_bg = _pad_to_multiple(bg, self._multiple), _pad_to_multiple(fg_bg, self._multiple)
+    if self.exported is not None:
+      return bg, fg_bg
     return schema.normalize_photo(bg, "bg"), schema.normalize_photo(fg_bg, "fg_bg")
 
   def _run(self, inputs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

@@ -2,9 +2,9 @@
 
 XLA:CPU lowers a convolution's kernel gradient (the correlation of the input with the output
 gradient over batch and space) to a generic convolution that is slow when the image is large and
-the channels few: at batch 32 it takes 0.9 s for a 1x1 conv 128 -> 64 at 64x64 px, which as one
-matrix product takes 0.1 s, and 1.1 s for a 3x3 conv 64 -> 128 at 32x32 px, which takes 0.2 s as
-nine. Those gradients dominated the training step on CPU.
+the channels few, several times slower than the same sums as matrix products (the figures are in
+docs/benchmarks.md, "Closing the ratio on CPU"). Those gradients dominated the training step on
+CPU.
 
 Here the kernel gradient is one matrix product per kernel tap (i, j):
   dW[i, j] = Σ_{b, h, w} x_padded[b, h + i·d, w + j·d, :]ᵀ · dy[b, h, w, :]

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from dmjax.models import layers, register
+from dmjax.models import layers
+from dmjax.models.registry import register
 
 Array = jax.Array
 
@@ -99,10 +100,10 @@ class DepthMaskNetV2(nn.Module):
   Why this size: on the 2-core CPU the project trains on (batch 32 at 64x64), step time is
   dominated by full-resolution layers and, there, by the weight gradients of the convolutions.
   Running every decoder conv at H/2 or coarser and keeping the full-resolution stems at w = 8
-  channels gives 2.2–2.7 train steps/s with the input pipeline (the README's run); the seed model,
-  at 17x the FLOPs per image, is 8x slower per step (docs/benchmarks.md).
+  channels makes its step several times faster than the seed model's, which has 17x its FLOPs
+  per image (step rows in docs/benchmarks.md).
   Parameters are far below the 8M budget because capacity is cheap in parameters but not in
-  time; `width` scales every stage (16 gives 2.1M parameters at about a third of the speed).
+  time; `width` scales every stage (16 gives 2.1M parameters).
 
   ICNR (`layers.icnr_init`) copies one kernel into the r² consecutive output channels that
   PyTorch's shuffle order sends to one output channel, so every shuffle starts as

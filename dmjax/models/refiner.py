@@ -9,8 +9,7 @@ step up to the photo's own size (depth comes from the base alone, at a working s
 own: `DEPTH_BASE_ZOOM`). The refiner only corrects what the upsampled logits leave
 uncertain (its last conv starts at zero, so an untrained refiner returns the upsampled logits)
 and needs a few pixels of context: after a 2x step the uncertain band is a pixel or two wide.
-It is trained for one step; measured, each further step gains less (README, "Photos of any
-size").
+It is trained for one step, and each further step gains less (README, "Photos of any size").
 
 The refiner has no normalisation across pixels at inference (BatchNorm uses its running
 statistics), so it can run on overlapping bands of rows (`refine_in_bands`) with exactly the

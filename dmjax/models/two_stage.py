@@ -34,7 +34,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dmjax import errors
-from dmjax.models import layers, register
+from dmjax.models import layers
+from dmjax.models.registry import register
 from dmjax.models.unet_dual import BasicBlock
 
 Array = jax.Array

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from dmjax.models import layers, register
+from dmjax.models import layers
+from dmjax.models.registry import register
 
 Array = jax.Array
 

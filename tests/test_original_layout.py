@@ -1,5 +1,5 @@
-"""The seed-layout reader on tiny layouts written here: folders, zips, pairing, refusals, splits,
-and the TFDS dataset built from it."""
+"""The original-layout reader on tiny layouts written here: folders, zips, pairing, refusals,
+splits, and the TFDS dataset built from it."""
 
 import glob
 import io
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from dmjax import config as config_lib
-from dmjax.data import pipeline, seed_layout, sources, tfds_builder
+from dmjax.data import original_layout, pipeline, sources, tfds_builder
 
 SIZE = 24
 # Named so that sorting differs from writing order: bg number 1 is "attic", not "kitchen".
@@ -93,7 +93,7 @@ WRITERS = {"folders": write_folders, "zips": write_zips, "single_zip": write_sin
 
 
 def layout_config(**overrides):
-  layout = config_lib.base_config().data.seed_layout
+  layout = config_lib.base_config().data.original_layout
   layout.update(overrides)
   return layout
 
@@ -106,7 +106,7 @@ def folder_root(tmp_path):
 @pytest.mark.parametrize("kind", sorted(WRITERS))
 def test_pairs_by_name_with_the_sorted_background(kind, tmp_path):
   root = WRITERS[kind](tmp_path / "seed", layout_files())
-  with seed_layout.SeedLayout(root, layout_config()) as layout:
+  with original_layout.OriginalLayout(root, layout_config()) as layout:
     assert len(layout.composites) == NUM_COMPOSITES and layout.num_backgrounds == 3
     for composite in layout.composites:
       bg_number = int(composite.key.split("_")[1][1:])
@@ -164,7 +164,7 @@ PROBLEMS = {
 def test_bad_examples_are_refused_naming_the_file(what, folder_root):
   name = break_layout(folder_root, what)
   with pytest.raises(ValueError) as raised:
-    with seed_layout.SeedLayout(folder_root, layout_config()) as layout:
+    with original_layout.OriginalLayout(folder_root, layout_config()) as layout:
       list(layout.encoded_examples(layout.composites))
   message = str(raised.value)
   assert "\n" not in message
@@ -176,7 +176,7 @@ def test_skip_bad_counts_and_lists_the_bad_examples(folder_root):
   broken = [break_layout(folder_root, what) for what in ("bg out of range", "corrupt jpeg")]
   os.remove(os.path.join(folder_root, "depth", composite_name(3, 2, 0, "densedepth")))
   broken.append(composite_name(3, 2, 0))
-  with seed_layout.SeedLayout(folder_root, layout_config(skip_bad=True)) as layout:
+  with original_layout.OriginalLayout(folder_root, layout_config(skip_bad=True)) as layout:
     assert len(layout.composites) == NUM_COMPOSITES - 1  # Partner problems: found by name.
     assert len(layout.skipped) == 2
     kept = [c.key for c, _ in layout.encoded_examples(layout.composites)]
@@ -187,24 +187,25 @@ def test_skip_bad_counts_and_lists_the_bad_examples(folder_root):
 
 
 def test_image_split_is_reproducible_and_disjoint(folder_root):
-  with seed_layout.SeedLayout(folder_root, layout_config()) as layout:
+  with original_layout.OriginalLayout(folder_root, layout_config()) as layout:
     composites = layout.composites
-  split = seed_layout.split_composites(composites, "image", 0.3, seed=0)
-  again = seed_layout.split_composites(composites, "image", 0.3, seed=0)
+  split = original_layout.split_composites(composites, "image", 0.3, seed=0)
+  again = original_layout.split_composites(composites, "image", 0.3, seed=0)
   assert split == again
   train, test = ({c.key for c in split[s]} for s in ("train", "test"))
   assert len(test) == round(NUM_COMPOSITES * 0.3) and not train & test
   assert train | test == {c.key for c in composites}
-  others = [{c.key for c in seed_layout.split_composites(composites, "image", 0.3, seed=s)["test"]}
+  others = [{c.key for c in
+             original_layout.split_composites(composites, "image", 0.3, seed=s)["test"]}
             for s in range(1, 4)]
   assert any(other != test for other in others)
-  # Image-level: the test set shares backgrounds with training (the seed's leak).
+  # Image-level: the test set shares backgrounds with training (the original's leak).
   assert {c.bg_index for c in split["test"]} & {c.bg_index for c in split["train"]}
 
 
 def test_background_split_holds_out_whole_backgrounds(folder_root):
-  with seed_layout.SeedLayout(folder_root, layout_config()) as layout:
-    split = seed_layout.split_composites(layout.composites, "background", 0.3, seed=0)
+  with original_layout.OriginalLayout(folder_root, layout_config()) as layout:
+    split = original_layout.split_composites(layout.composites, "background", 0.3, seed=0)
   train_bgs = {c.bg_index for c in split["train"]}
   test_bgs = {c.bg_index for c in split["test"]}
   assert len(test_bgs) == 1 and not train_bgs & test_bgs and train_bgs | test_bgs == {0, 1, 2}
@@ -212,10 +213,10 @@ def test_background_split_holds_out_whole_backgrounds(folder_root):
 
 
 def test_split_settings_are_checked():
-  with pytest.raises(ValueError, match="seed_layout.split='bg'"):
-    seed_layout.split_composites([], "bg", 0.3, seed=0)
+  with pytest.raises(ValueError, match="original_layout.split='bg'"):
+    original_layout.split_composites([], "bg", 0.3, seed=0)
   with pytest.raises(ValueError, match="test_fraction=1.5"):
-    seed_layout.split_composites([], "image", 1.5, seed=0)
+    original_layout.split_composites([], "image", 1.5, seed=0)
 
 
 def test_missing_folder_is_named(tmp_path):
@@ -223,16 +224,16 @@ def test_missing_folder_is_named(tmp_path):
   del files["depth"]
   root = write_folders(tmp_path / "seed", files)
   with pytest.raises(ValueError, match="no folder 'depth'"):
-    seed_layout.SeedLayout(root, layout_config())
+    original_layout.OriginalLayout(root, layout_config())
 
 
-def seed_config(data_dir, tfds_dir, **layout_overrides):
+def original_config(data_dir, tfds_dir, **layout_overrides):
   config = config_lib.base_config()
-  config.data.source = "seed"
+  config.data.source = "original"
   config.data.dir = str(data_dir)
   config.data.tfds_dir = str(tfds_dir)
   config.data.resolution = 16
-  config.data.seed_layout.update(layout_overrides)
+  config.data.original_layout.update(layout_overrides)
   config.eval_batch_size = 4
   return config
 
@@ -241,29 +242,30 @@ def seed_config(data_dir, tfds_dir, **layout_overrides):
 def test_tfds_dataset_built_from_the_layout_reads_back(kind, tmp_path):
   files = layout_files()
   root = WRITERS[kind](tmp_path / "seed", files)
-  config = seed_config(root, tmp_path / "tfds")
+  config = original_config(root, tmp_path / "tfds")
   pipeline.prepare(config)
   assert pipeline.num_examples(config, "train") == 8
   assert pipeline.num_examples(config, "test") == 4
 
-  with seed_layout.SeedLayout(root, config.data.seed_layout) as layout:
-    expected = seed_layout.split_composites(layout.composites, "image", 0.3, seed=0)["test"]
+  with original_layout.OriginalLayout(root, config.data.original_layout) as layout:
+    expected = original_layout.split_composites(layout.composites, "image", 0.3, seed=0)["test"]
     source = sources.get_source(config)
     data_source = source.builder.as_data_source("test", decoders=tfds_builder.RAW_DECODERS)
     for index, composite in enumerate(expected):
       raw = data_source[index]
-      assert raw["fg_bg"] == files["bg_fg"][composite.key]  # The seed's JPEG bytes, kept.
+      assert raw["fg_bg"] == files["bg_fg"][composite.key]  # The original's JPEG bytes, kept.
       stored, loaded = tfds_builder.decode_example(raw), layout.load(composite)
       for key in loaded:
         np.testing.assert_array_equal(stored[key], loaded[key], err_msg=key)
 
   batch = next(pipeline.create_eval_batches(config, "test"))
   assert batch["fg_bg"].shape == (4, 16, 16, 3) and batch["depth"].shape == (4, 16, 16, 1)
-  assert next(pipeline.create_train_iterator(config))["mask"].shape == (32, 16, 16, 1)
+  stored = next(pipeline.create_train_iterator(config))["mask"]  # The step resizes it.
+  assert stored.shape == (32, SIZE, SIZE, 1) and stored.dtype == np.uint8
 
 
 def dataset_name(config):
-  seed_layout.folder_fingerprint.cache_clear()  # What a new process would see.
+  original_layout.folder_fingerprint.cache_clear()  # What a new process would see.
   return sources.get_source(config).name
 
 
@@ -271,20 +273,20 @@ def test_dataset_names_keep_settings_apart(tmp_path):
   a, b = (write_folders(tmp_path / name, layout_files()) for name in "ab")
   settings = [(a, {}), (b, {}), (a, {"split": "background"}), (a, {"test_fraction": 0.25}),
               (a, {"mask_pattern": "m_{bg}_{fg}_{i}.png"}), (a, {"split_seed": 1})]
-  names = {dataset_name(seed_config(d, tmp_path, **o)) for d, o in settings}
+  names = {dataset_name(original_config(d, tmp_path, **o)) for d, o in settings}
   assert len(names) == 6
 
 
 def test_the_training_seed_keeps_the_split_and_the_built_dataset(folder_root, tmp_path):
-  config = seed_config(folder_root, tmp_path / "tfds")
-  other_training_seed = seed_config(folder_root, tmp_path / "tfds")
+  config = original_config(folder_root, tmp_path / "tfds")
+  other_training_seed = original_config(folder_root, tmp_path / "tfds")
   other_training_seed.seed = 1
   assert dataset_name(other_training_seed) == dataset_name(config)
   pipeline.prepare(config)
   test_keys = sorted(raw["fg_bg"] for raw in sources.get_source(other_training_seed)
                      .builder.as_data_source("test", decoders=tfds_builder.RAW_DECODERS))
-  with seed_layout.SeedLayout(folder_root, config.data.seed_layout) as layout:
-    expected = seed_layout.split_composites(layout.composites, "image", 0.3, seed=0)["test"]
+  with original_layout.OriginalLayout(folder_root, config.data.original_layout) as layout:
+    expected = original_layout.split_composites(layout.composites, "image", 0.3, seed=0)["test"]
     assert test_keys == sorted(layout.read_bytes(c.fg_bg) for c in expected)
 
 
@@ -293,9 +295,9 @@ def test_dataset_name_follows_the_folder_and_its_changes(tmp_path, monkeypatch):
   for place in ("here", "there"):
     write_folders(tmp_path / place / "seed", layout_files())
   monkeypatch.chdir(tmp_path / "here")
-  here = dataset_name(seed_config("seed", tmp_path / "tfds"))
+  here = dataset_name(original_config("seed", tmp_path / "tfds"))
   monkeypatch.chdir(tmp_path / "there")
-  config = seed_config("seed", tmp_path / "tfds")
+  config = original_config("seed", tmp_path / "tfds")
   assert dataset_name(config) != here
   # The folder changed between runs: a file added, or one rewritten (newer modification time).
   before = dataset_name(config)
@@ -315,11 +317,11 @@ def test_dataset_name_follows_the_folder_and_its_changes(tmp_path, monkeypatch):
 
 def test_building_refuses_a_bad_layout(folder_root, tmp_path):
   break_layout(folder_root, "mismatched size")
-  config = seed_config(folder_root, tmp_path / "tfds")
+  config = original_config(folder_root, tmp_path / "tfds")
   with pytest.raises(ValueError, match="mask_b002_f001_1.jpg"):
     pipeline.prepare(config)
   shutil.rmtree(tmp_path / "tfds")
-  config.data.seed_layout.skip_bad = True
+  config.data.original_layout.skip_bad = True
   pipeline.prepare(config)
   assert (pipeline.num_examples(config, "train") + pipeline.num_examples(config, "test")
           == NUM_COMPOSITES - 1)

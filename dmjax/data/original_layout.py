@@ -1,6 +1,6 @@
-"""Reads the seed dataset's layout (SPEC §4) from folders or straight from zips.
+"""Reads the original system's dataset layout (SPEC §4) from folders or straight from zips.
 
-A dataset root holds four folders (names from `config.data.seed_layout`):
+A dataset root holds four folders (names from `config.data.original_layout`):
 
   bg/      the background photos; the bg of composite `b{bg}` is entry number `bg - 1` of the
            sorted folder
@@ -14,7 +14,7 @@ zip. Files are read from the zips in place, never unpacked.
 
 Problems (a missing partner, a bg number out of range, an unreadable image, sizes that differ)
 raise a one-line ValueError naming the file; with `skip_bad` they skip the example instead and
-are counted and listed in `SeedLayout.skipped` and the log.
+are counted and listed in `OriginalLayout.skipped` and the log.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from dmjax.data import schema
 FOLDER_KEYS = ("bg_dir", "fg_bg_dir", "mask_dir", "depth_dir")
 SPLIT_KINDS = ("image", "background")
 _PATTERN_GROUPS = ("bg", "fg", "i")
-_SKIP_HINT = "set config.data.seed_layout.skip_bad=True to skip bad examples"
+_SKIP_HINT = "set config.data.original_layout.skip_bad=True to skip bad examples"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ class BadExampleError(ValueError):
   """An example whose files are missing, unreadable or inconsistent."""
 
 
-class SeedLayout:
+class OriginalLayout:
   """The composites of one dataset root, paired with their partners and checked by name.
 
   Decoding checks (readable images, equal sizes) happen when an example is loaded, so scanning
@@ -100,7 +100,7 @@ class SeedLayout:
       archive.close()
     self._zips.clear()
 
-  def __enter__(self) -> SeedLayout:
+  def __enter__(self) -> OriginalLayout:
     return self
 
   def __exit__(self, *exc_info) -> None:
@@ -111,7 +111,8 @@ class SeedLayout:
     pattern = re.compile(layout.fg_bg_pattern)
     missing_groups = set(_PATTERN_GROUPS) - set(pattern.groupindex)
     if missing_groups:
-      raise errors.UserError(f"config.data.seed_layout.fg_bg_pattern={layout.fg_bg_pattern!r} "
+      raise errors.UserError(f"config.data.original_layout.fg_bg_pattern="
+                             f"{layout.fg_bg_pattern!r} "
                              f"lacks the named group(s) {sorted(missing_groups)}")
     composites, problems, unmatched = [], [], []
     for name in sorted(folders[layout.fg_bg_dir]):
@@ -192,7 +193,7 @@ class SeedLayout:
 
   def _load_with_bytes(self, composite: Composite) -> dict[str, tuple[np.ndarray, bytes]]:
     """Decodes and checks an example; keeps each file's own bytes when they already decode to
-    the stored format (the seed's JPEGs: no re-encoding loss, and a tenth of a PNG's size)."""
+    the stored format (the original's JPEGs: no re-encoding loss, and a tenth of a PNG's size)."""
     bg, bg_bytes = self._background(composite)
     fg_bg_bytes = self.read_bytes(composite.fg_bg)
     fg_bg_image = self._decode(composite.fg_bg, fg_bg_bytes)
@@ -238,14 +239,15 @@ def split_composites(composites: Sequence[Composite], kind: str, test_fraction: 
                      seed: int) -> dict[str, list[Composite]]:
   """Splits into train and test, each in a seeded random order (so any prefix is a sample).
 
-  kind="image": the seed's split, composites drawn at random (test shares backgrounds and
+  kind="image": the original's split, composites drawn at random (test shares backgrounds and
   cut-outs with train); kind="background": whole backgrounds held out.
   """
   if kind not in SPLIT_KINDS:
-    raise errors.UserError(f"config.data.seed_layout.split={kind!r}: expected one of {SPLIT_KINDS}")
+    raise errors.UserError(f"config.data.original_layout.split={kind!r}: expected one of "
+                           f"{SPLIT_KINDS}")
   if not 0.0 < test_fraction < 1.0:
-    raise errors.UserError(f"config.data.seed_layout.test_fraction={test_fraction}: expected a "
-                           "value strictly between 0 and 1")
+    raise errors.UserError(f"config.data.original_layout.test_fraction={test_fraction}: expected "
+                           "a value strictly between 0 and 1")
   rng = np.random.default_rng(seed)
   ordered = [composites[i] for i in rng.permutation(len(composites))]
   if kind == "image":
@@ -316,7 +318,7 @@ def _index_folders(root: str, names: Sequence[str]) -> dict[str, dict[str, FileR
   for name in names:
     if not found[name]:
       raise errors.UserError(f"{root}: no folder {name!r} with files, neither unpacked nor inside "
-                             "a zip (folder names come from config.data.seed_layout.*_dir)")
+                             "a zip (folder names come from config.data.original_layout.*_dir)")
   return found
 
 
@@ -347,7 +349,7 @@ def _gray(image: Image.Image) -> Image.Image:
 
 
 def _depth_code(image: Image.Image) -> np.ndarray:
-  """The seed's 0..255 grayscale depth (0 = nearest) as the uint16 code of d = v / 255."""
+  """The original's 0..255 grayscale depth (0 = nearest) as the uint16 code of d = v / 255."""
   if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # Already 16-bit codes (e.g. a PNG).
     return np.asarray(image).astype(np.uint16)[..., None]
   values = np.asarray(_gray(image), dtype=np.uint16)

@@ -144,8 +144,8 @@ def test_teacher_forcing_anneals_to_zero():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PINNED))
 def test_one_training_step_with_the_models_own_recipe(name):
-  config = config_lib.stage_config(64, f"model={name},recipe=seed")
-  config.data.resolution, config.batch_size, config.data.on_device = 32, 2, False
+  config = config_lib.stage_config(64, f"model={name},recipe=original")
+  config.data.resolution, config.batch_size = 32, 2
   config.optimizer.warmup_steps = 0  # two_stage's (the project's) would start at rate 0.
   model = models.create_model(config.model)
   tx = train.create_optimizer(config)

@@ -1,4 +1,5 @@
-"""On-device augmentation against PIL (what the host path uses) and against hand-made cases."""
+"""The train step's augmentation (dmjax.data.augment) against PIL's resize and ImageEnhance, the
+evaluation batches' resize, and hand-made cases."""
 
 import functools
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
-from dmjax.data import augment, device_augment, pipeline, schema
+from dmjax import config as config_lib
+from dmjax.data import augment, pipeline, schema
 
 
 def smooth_photo(size=80, seed=0):
@@ -24,7 +26,7 @@ def test_crop_resize_is_pils_bilinear_resize_of_the_box(box, flip):
   expected = Image.fromarray(photo).resize((64, 64), Image.Resampling.BILINEAR, box=box)
   if flip:
     expected = expected.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-  out = device_augment.crop_resize(jnp.asarray(photo, jnp.float32), jnp.array(box, jnp.float32),
+  out = augment.crop_resize(jnp.asarray(photo, jnp.float32), jnp.array(box, jnp.float32),
                                    jnp.bool_(flip), 64)
   # PIL rounds to uint8; the rest is the same filter (down- and upscaling both).
   np.testing.assert_allclose(out, np.asarray(expected, np.float32), atol=1.01)
@@ -37,7 +39,7 @@ def test_photometric_jitter_is_pils_image_enhance(factors):
   image = ImageEnhance.Brightness(image).enhance(factors[0])
   image = ImageEnhance.Contrast(image).enhance(factors[1])
   image = ImageEnhance.Color(image).enhance(factors[2])
-  out = device_augment.jitter_photometric(jnp.asarray(photo, jnp.float32), jnp.array(factors))
+  out = augment.jitter_photometric(jnp.asarray(photo, jnp.float32), jnp.array(factors))
   # PIL rounds to uint8 after each of its three steps (and the contrast mean to an integer).
   np.testing.assert_allclose(out, np.asarray(image, np.float32), atol=3.0)
 
@@ -52,19 +54,18 @@ def stored_example(size=40, seed=0):
 
 
 def run_augment(batch, step=0, settings=None, resolution=32, binarize_mask=True, key=0):
-  fn = jax.jit(functools.partial(device_augment.augment_batch, settings=settings,
+  fn = jax.jit(functools.partial(augment.augment_batch, settings=settings,
                                  resolution=resolution, binarize_mask=binarize_mask))
   return jax.device_get(fn({k: jnp.asarray(v) for k, v in batch.items()},
                            jax.random.PRNGKey(key), step))
 
 
-def test_without_augmentation_it_is_the_host_pipelines_resize():
+def test_without_augmentation_it_is_the_evaluation_batches_resize():
   examples = [stored_example(seed=s) for s in range(3)]
   batch = {key: np.stack([e[key] for e in examples]) for key in schema.KEYS}
   out = run_augment(batch)
-  prepare = pipeline.PrepareExample(resolution=32, settings=None, binarize_mask=True)
   for i, example in enumerate(examples):
-    expected = prepare.random_map(example, None)
+    expected = pipeline.prepare_eval_example(example, 32, binarize_mask=True)
     for key in schema.IMAGE_KEYS:  # Normalised: one uint8 level is 1 / (255 std) ≈ 0.021.
       np.testing.assert_allclose(out[key][i], expected[key], atol=1.01 / (255 * 0.189))
     np.testing.assert_allclose(out["depth"][i], expected["depth"], atol=1e-5)
@@ -94,14 +95,14 @@ def test_the_four_images_share_one_geometry_and_each_photo_its_own_jitter():
 def test_draws_stay_within_their_ranges():
   settings = augment.AugmentSettings(min_scale=0.6, flip=True)
   keys = jax.random.split(jax.random.PRNGKey(3), 400)
-  boxes, flips = jax.vmap(lambda k: device_augment.draw_geometry(k, 80, 60, settings))(keys)
+  boxes, flips = jax.vmap(lambda k: augment.draw_geometry(k, 80, 60, settings))(keys)
   left, top, right, bottom = np.asarray(boxes).T
   assert left.min() >= 0 and top.min() >= 0 and right.max() <= 60 and bottom.max() <= 80
   scale = (bottom - top) / 80
   np.testing.assert_allclose((right - left) / 60, scale, rtol=1e-5)  # Aspect kept.
   assert 0.6 <= scale.min() < 0.62 and 0.98 < scale.max() <= 1.0
   assert 0.4 < np.mean(flips) < 0.6
-  _, no_flips = jax.vmap(lambda k: device_augment.draw_geometry(
+  _, no_flips = jax.vmap(lambda k: augment.draw_geometry(
       k, 80, 60, augment.AugmentSettings(flip=False)))(keys)
   assert not np.any(no_flips)
 
@@ -119,3 +120,26 @@ def test_an_example_draws_by_its_step_and_place_only():
     np.testing.assert_array_equal(first[key][2:], second[key][2:])
   later = run_augment(batch, step=6, settings=settings)
   assert not np.allclose(first["fg_bg"], later["fg_bg"])
+
+
+def test_make_preprocess_follows_the_config():
+  examples = [stored_example(seed=s) for s in range(2)]
+  batch = {key: jnp.asarray(np.stack([e[key] for e in examples])) for key in schema.KEYS}
+  config = config_lib.base_config()
+  config.data.resolution = 16
+  key = jax.random.PRNGKey(0)
+  augmented = jax.device_get(augment.make_preprocess(config)(batch, key, 0))
+  assert augmented["bg"].shape == (2, 16, 16, 3) and augmented["mask"].shape == (2, 16, 16, 1)
+  assert set(np.unique(augmented["mask"])) <= {0.0, 1.0}
+  config.data.augment.enabled = False
+  config.data.binarize_mask = False
+  plain = jax.device_get(augment.make_preprocess(config)(batch, key, 0))
+  expected = run_augment({k: np.asarray(v) for k, v in batch.items()}, resolution=16,
+                         binarize_mask=False)
+  for name in schema.KEYS:  # Jitted here, not there: float rounding may differ.
+    np.testing.assert_allclose(plain[name], expected[name], atol=1e-5)
+  assert np.any((plain["mask"] > 0) & (plain["mask"] < 1))  # Soft edges kept.
+  config.data.augment.min_scale = 0.0
+  config.data.augment.enabled = True
+  with pytest.raises(ValueError, match=r"config.data.augment.min_scale=0.0"):
+    augment.make_preprocess(config)

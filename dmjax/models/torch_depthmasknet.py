@@ -1,4 +1,4 @@
-"""The seed DepthMaskNet in PyTorch (SPEC §1), with the original's state-dict key names.
+"""The original DepthMaskNet (seed 002, SPEC §1) in PyTorch, with its state-dict key names.
 
 Used to check weight import (`dmjax.import_torch`) and as the PyTorch side of the benchmark.
 Only imported when torch is wanted: nothing else in dmjax imports this module.
