@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 
@@ -270,9 +271,10 @@ def test_measure_served_requests(predictor):
   assert figures["model_calls"] >= 1 and 1 <= figures["pairs_per_model_call"] <= 3
 
 
-def browser(tmp_path):
+def browser(temporary_dir):
   """Headless Debian chromium under selenium, through Debian's chromedriver (no downloads); its
-  temporary files go to `tmp_path`."""
+  temporary files go to `temporary_dir`, which must have a short path: chromium puts unix
+  sockets there, whose paths may not exceed 107 bytes (pytest-xdist's tmp_path can)."""
   from selenium import webdriver
   from selenium.webdriver.chrome.service import Service
 
@@ -287,14 +289,12 @@ def browser(tmp_path):
   for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                    "--window-size=1100,760", "--force-device-scale-factor=1"):
     options.add_argument(argument)
-  service = Service(chromedriver, env=dict(os.environ, TMPDIR=str(tmp_path)))
+  service = Service(chromedriver, env=dict(os.environ, TMPDIR=str(temporary_dir)))
   return webdriver.Chrome(options=options, service=service)
 
 
 def test_the_page_in_a_headless_browser(served, tmp_path):
-  from selenium.webdriver.common.by import By
-  from selenium.webdriver.support.ui import WebDriverWait
-
+  """Upload a pair (and two wrong files first), see the three results, take a screenshot."""
   url, _ = served
   bg, fg_bg = photos.demo_pair(HEIGHT, WIDTH, seed=3)
   paths = {}
@@ -302,51 +302,59 @@ def test_the_page_in_a_headless_browser(served, tmp_path):
                      ("notes.png", b"not a picture"), ("notes.txt", b"not a picture")):
     paths[name] = tmp_path / name
     paths[name].write_bytes(data)
-  driver = browser(tmp_path)
-  try:
-    driver.get(url + "/")
-    wait = WebDriverWait(driver, 60)
-    wait.until(lambda d: "checkpoint step 0" in d.find_element(By.ID, "model").text)
-    driver.find_element(By.ID, "bg").send_keys(str(paths["bg.png"]))
-    # A file the browser knows is no image is refused before uploading ...
-    driver.find_element(By.ID, "fg_bg").send_keys(str(paths["notes.txt"]))
-    message = wait.until(lambda d: d.find_element(By.ID, "message").text)
-    assert message == "fg_bg: notes.txt is not an image (text/plain)"
-    assert not driver.find_element(By.ID, "run").is_enabled()
-    # ... one that only looks like one, by the server.
-    driver.find_element(By.ID, "fg_bg").send_keys(str(paths["notes.png"]))
-    wait.until(lambda d: d.find_element(By.ID, "run").is_enabled())
-    driver.find_element(By.ID, "run").click()
-    message = wait.until(lambda d: "cannot" in d.find_element(By.ID, "message").text
-                         and d.find_element(By.ID, "message").text)
-    assert "fg_bg (notes.png): cannot read it as an image" in message
-    assert not driver.find_element(By.ID, "results").is_displayed()
+  with tempfile.TemporaryDirectory(prefix="chromium") as browser_files:
+    driver = browser(browser_files)
+    try:
+      _drive_the_page(driver, url, paths, tmp_path)
+    finally:
+      driver.quit()
 
-    driver.find_element(By.ID, "fg_bg").send_keys(str(paths["fg_bg.png"]))
-    wait.until(lambda d: d.find_element(By.ID, "run").is_enabled())
-    driver.find_element(By.ID, "run").click()
-    wait.until(lambda d: d.find_element(By.ID, "results").is_displayed())
-    for kind in ("mask", "depth_color", "overlay"):
-      image = driver.find_element(By.ID, kind)
-      size = driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight,"
-                                   " arguments[0].complete]", image)
-      assert size == [WIDTH, HEIGHT, True], kind
-      assert image.is_displayed()
-      link = driver.find_element(By.ID, f"{kind}-link")
-      assert link.get_attribute("download") == f"fg_bg_{kind}.png"
-    assert driver.find_element(By.ID, "depth-link").get_attribute("href").startswith(
-        "data:image/png;base64,")
-    assert not driver.find_element(By.ID, "message").is_displayed()
-    screenshot = tmp_path / "page.png"  # Kept with the test's files, to look at.
-    assert driver.save_screenshot(str(screenshot))
-    viewport = driver.execute_script("return [window.innerWidth, window.innerHeight]")
-    with Image.open(screenshot) as image:
-      assert list(image.size) == viewport
-      # Photos and text on screen, not a blank frame.
-      pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(int)
-      assert len(np.unique(pixels, axis=0)) > 200
-  finally:
-    driver.quit()
+
+def _drive_the_page(driver, url: str, paths: dict, tmp_path) -> None:
+  from selenium.webdriver.common.by import By
+  from selenium.webdriver.support.ui import WebDriverWait
+
+  driver.get(url + "/")
+  wait = WebDriverWait(driver, 60)
+  wait.until(lambda d: "checkpoint step 0" in d.find_element(By.ID, "model").text)
+  driver.find_element(By.ID, "bg").send_keys(str(paths["bg.png"]))
+  # A file the browser knows is no image is refused before uploading ...
+  driver.find_element(By.ID, "fg_bg").send_keys(str(paths["notes.txt"]))
+  message = wait.until(lambda d: d.find_element(By.ID, "message").text)
+  assert message == "fg_bg: notes.txt is not an image (text/plain)"
+  assert not driver.find_element(By.ID, "run").is_enabled()
+  # ... one that only looks like one, by the server.
+  driver.find_element(By.ID, "fg_bg").send_keys(str(paths["notes.png"]))
+  wait.until(lambda d: d.find_element(By.ID, "run").is_enabled())
+  driver.find_element(By.ID, "run").click()
+  message = wait.until(lambda d: "cannot" in d.find_element(By.ID, "message").text
+                       and d.find_element(By.ID, "message").text)
+  assert "fg_bg (notes.png): cannot read it as an image" in message
+  assert not driver.find_element(By.ID, "results").is_displayed()
+
+  driver.find_element(By.ID, "fg_bg").send_keys(str(paths["fg_bg.png"]))
+  wait.until(lambda d: d.find_element(By.ID, "run").is_enabled())
+  driver.find_element(By.ID, "run").click()
+  wait.until(lambda d: d.find_element(By.ID, "results").is_displayed())
+  for kind in ("mask", "depth_color", "overlay"):
+    image = driver.find_element(By.ID, kind)
+    size = driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight,"
+                                 " arguments[0].complete]", image)
+    assert size == [WIDTH, HEIGHT, True], kind
+    assert image.is_displayed()
+    link = driver.find_element(By.ID, f"{kind}-link")
+    assert link.get_attribute("download") == f"fg_bg_{kind}.png"
+  assert driver.find_element(By.ID, "depth-link").get_attribute("href").startswith(
+      "data:image/png;base64,")
+  assert not driver.find_element(By.ID, "message").is_displayed()
+  screenshot = tmp_path / "page.png"  # Kept with the test's files, to look at.
+  assert driver.save_screenshot(str(screenshot))
+  viewport = driver.execute_script("return [window.innerWidth, window.innerHeight]")
+  with Image.open(screenshot) as image:
+    assert list(image.size) == viewport
+    # Photos and text on screen, not a blank frame.
+    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(int)
+    assert len(np.unique(pixels, axis=0)) > 200
 
 
 def free_port() -> int:
