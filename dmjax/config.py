@@ -244,6 +244,10 @@ ORIGINAL_STAGES = {64: (512, 3), 112: (128, 3), 192: (32, 2)}
 ORIGINAL_EPOCH_EXAMPLES = 280_000
 # What fits a 2-core CPU: (batch size, steps) of each stage.
 CPU_STAGES = {64: (32, 2_400), 112: (16, 1_500), 192: (8, 1_000)}
+# The refined stages on a CPU: a refined step costs about 1.5x the model's alone, so a stage
+# keeps 2/3 of its steps, except the default run (r64), whose steps fill its 30-minute budget on
+# 2 idle cores, data build included (README, "What command 1 gives").
+REFINED_CPU_STEPS = {64: 2_600}
 
 
 # Predecoding the CPU stage's training split is worth it up to this size on disk.
@@ -255,10 +259,11 @@ def _add_refiner(c: ml_collections.ConfigDict, schedule: str) -> None:
   (dmjax.models.refiner), so it learns to give sharp outputs at the photo's own size."""
   c.model.refiner = True
   c.model.refiner_window = c.data.resolution * 3 // 4  # 9/64 of the refined size.
+  stage = c.data.resolution
   c.data.resolution *= 2  # refiner.REFINE_FACTOR; JAX is not imported by configs.
   full = c.data.resolution + c.data.resolution // 4  # Room for crops of 80 % of the side.
   if schedule == "cpu":
-    c.num_train_steps = c.num_train_steps * 2 // 3  # Its step costs 1.5x the base's alone.
+    c.num_train_steps = REFINED_CPU_STEPS.get(stage, c.num_train_steps * 2 // 3)
     c.data.synthetic.resolution = full
     bytes_per_example = full * full * 9  # Two photos, a mask and 16-bit depth.
     c.data.predecoded = c.data.synthetic.num_train * bytes_per_example <= MAX_PREDECODED_BYTES

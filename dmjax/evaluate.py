@@ -81,7 +81,9 @@ def evaluate_at_resolutions(f: flags.FlagValues) -> None:
   results = resolutions_lib.evaluate_at_resolutions(
       predictor, sizes, num_examples=num_examples,
       scene_seed=int(predictor.config.data.synthetic.seed), progress=_resolution_progress)
-  output = f.output or os.path.join(f.workdir, f"eval_resolutions_{f.fit}_{predictor.step}.json")
+  sizes_name = "-".join(map(str, sizes))  # Runs at other sizes keep their own files.
+  output = f.output or os.path.join(
+      f.workdir, f"eval_resolutions_{sizes_name}_{f.fit}_{predictor.step}.json")
   files.write_json(output, {"workdir": os.path.abspath(f.workdir), "step": predictor.step,
                             "fit": f.fit, "metrics": {str(r): m for r, m in results.items()}})
   print(f"{f.workdir} step {predictor.step}, fit={f.fit}, {num_examples} held-out "

@@ -4,7 +4,6 @@ Nothing here asserts a speed: the host is shared, so only the fields and their s
 """
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,12 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import HIDE_TENSORFLOW
+from conftest import HIDE_TENSORFLOW, REPO
 
 from dmjax import losses, models
 from dmjax.benchmark import flops, torch_side, training
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON_FIELDS = ("what", "images_per_sec", "device", "jax_version", "config", "batch_size",
                  "dtype", "load_avg_1m", "host_rss_mb", "host_peak_rss_mb",
                  "device_peak_memory_mb")

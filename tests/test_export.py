@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, run_command
 from jax import export as jax_export
 from PIL import Image
 
@@ -21,8 +22,6 @@ from dmjax import checkpoints, errors, export, models, predict
 from dmjax import config as config_lib
 from dmjax.data import schema
 from dmjax.inference import Predictor, exported
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_run(directory, *, refiner: bool, resolution: int) -> str:
@@ -72,15 +71,6 @@ def in_process(workdir, bg, fg_bg):
   return np.asarray(mask), np.asarray(depth)
 
 
-def exit_message(main, *args):
-  try:
-    main([str(a) for a in args])
-  except SystemExit as e:
-    assert e.code is not None and e.code != 0
-    return str(e.code)
-  return None
-
-
 @pytest.fixture(scope="module")
 def refined_run(tmp_path_factory):
   return make_run(tmp_path_factory.mktemp("refined_run"), refiner=True, resolution=64)
@@ -90,7 +80,7 @@ def refined_run(tmp_path_factory):
 def refined_file(refined_run, tmp_path_factory):
   """The refined run exported by the command, as a user would."""
   path = str(tmp_path_factory.mktemp("exported") / "refined.jaxexport")
-  assert exit_message(export.main, f"--workdir={refined_run}", f"--out={path}") is None
+  assert run_command(export.main, f"--workdir={refined_run}", f"--out={path}") is None
   return path
 
 
@@ -182,13 +172,13 @@ def test_predictor_and_predict_command_run_the_file(refined_run, refined_file, t
   Image.fromarray(fg_bg[0]).save(fg_bg_path)
   for source, out in ((f"--exported={refined_file}", "from_file"),
                       (f"--workdir={refined_run}", "from_run")):
-    assert exit_message(predict.main, source, f"--bg={bg_path}", f"--fg_bg={fg_bg_path}",
+    assert run_command(predict.main, source, f"--bg={bg_path}", f"--fg_bg={fg_bg_path}",
                         "--fit=resize", f"--out={tmp_path / out}") is None
   for name in ("scene_mask.png", "scene_depth.png"):
     with Image.open(tmp_path / "from_file" / name) as a, Image.open(tmp_path / "from_run" /
                                                                      name) as b:
       assert np.abs(np.asarray(a, np.int32) - np.asarray(b, np.int32)).max() <= 1
-  message = exit_message(predict.main, f"--exported={refined_file}", f"--workdir={refined_run}",
+  message = run_command(predict.main, f"--exported={refined_file}", f"--workdir={refined_run}",
                          f"--bg={bg_path}", f"--fg_bg={fg_bg_path}", f"--out={tmp_path / 'x'}")
   assert "Exactly one of (workdir, exported)" in message and "\n" not in message
 
@@ -289,12 +279,12 @@ def test_bad_files_give_one_line_errors(refined_file, tmp_path):
     message = str(info.value)
     assert message.startswith(f"{path}: ") and problem in message and "\n" not in message, message
   # The command refuses to replace a file, in one line.
-  message = exit_message(export.main, "--workdir=unused", f"--out={refined_file}")
+  message = run_command(export.main, "--workdir=unused", f"--out={refined_file}")
   assert message == f"error: {refined_file} exists; choose another --out or pass --overwrite"
   bg, fg_bg = pairs(1, 32, 32)
   Image.fromarray(bg[0]).save(tmp_path / "bg.png")
   Image.fromarray(fg_bg[0]).save(tmp_path / "scene.png")
-  message = exit_message(predict.main, f"--exported={tmp_path / 'truncated'}",
+  message = run_command(predict.main, f"--exported={tmp_path / 'truncated'}",
                          f"--bg={tmp_path / 'bg.png'}", f"--fg_bg={tmp_path / 'scene.png'}",
                          f"--out={tmp_path / 'out'}")
   assert message.startswith("error: ") and "truncated or damaged" in message
@@ -314,7 +304,7 @@ def test_onnx_equals_the_model(tmp_path, refined_run):
 
   workdir = make_run(tmp_path / "run", refiner=False, resolution=32)
   path = tmp_path / "model.onnx"
-  assert exit_message(export.main, f"--workdir={workdir}", f"--out={path}", "--size=32,48") is None
+  assert run_command(export.main, f"--workdir={workdir}", f"--out={path}", "--size=32,48") is None
   proto = onnx.load(str(path))
   properties = {p.key: json.loads(p.value) for p in proto.metadata_props}
   assert properties["model"] == "depthmasknet_v2" and properties["checkpoint_step"] == 0
@@ -327,7 +317,7 @@ def test_onnx_equals_the_model(tmp_path, refined_run):
     np.testing.assert_allclose(mask, expected_mask, rtol=0, atol=1e-4)
     np.testing.assert_allclose(depth, expected_depth, rtol=0, atol=1e-4)
   # The refined models use an antialiased resize that jax2onnx does not convert: one line.
-  message = exit_message(export.main, f"--workdir={refined_run}", f"--out={tmp_path / 'r.onnx'}")
+  message = run_command(export.main, f"--workdir={refined_run}", f"--out={tmp_path / 'r.onnx'}")
   assert "cannot convert depthmasknet_v2 with a refiner" in message and "antialias" in message
   assert "\n" not in message
   assert not os.path.exists(tmp_path / "r.onnx")
