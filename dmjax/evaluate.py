@@ -26,12 +26,11 @@ This is a single-process tool: it uses every local device, and fetches predictio
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 
 from absl import flags
 
-from dmjax import cli, errors, files, inference
+from dmjax import cli, errors, files, inference, progress
 from dmjax.evaluation import metrics as metrics_lib
 from dmjax.evaluation import resolutions as resolutions_lib
 from dmjax.evaluation import split as split_lib
@@ -64,13 +63,6 @@ def define_flags(f: flags.FlagValues, argv: list[str]) -> None:
                     "(see dmjax.predict).", flag_values=f)
 
 
-def _resolution_progress(resolution: int, done: int, total: int) -> None:
-  end = "\n" if done == total or not sys.stderr.isatty() else ""
-  if done == total or sys.stderr.isatty() or done % 8 == 0:
-    print(f"\revaluate: {resolution} px, {done}/{total} scenes", end=end, file=sys.stderr,
-          flush=True)
-
-
 def evaluate_at_resolutions(f: flags.FlagValues) -> None:
   try:
     sizes = [int(r) for r in f.resolution.split(",")]
@@ -78,9 +70,12 @@ def evaluate_at_resolutions(f: flags.FlagValues) -> None:
     raise errors.UserError(f"--resolution={f.resolution!r}: expected sizes like 192,512") from None
   num_examples = 64 if f.num_examples < 0 else f.num_examples
   predictor = inference.Predictor.from_workdir(f.workdir, step=f.step, fit=f.fit, batch_size=1)
-  results = resolutions_lib.evaluate_at_resolutions(
-      predictor, sizes, num_examples=num_examples,
-      scene_seed=int(predictor.config.data.synthetic.seed), progress=_resolution_progress)
+  with progress.Progress(f"evaluate at {f.resolution} px", total=len(sizes) * num_examples,
+                         unit="scenes") as bar:
+    results = resolutions_lib.evaluate_at_resolutions(
+        predictor, sizes, num_examples=num_examples,
+        scene_seed=int(predictor.config.data.synthetic.seed),
+        progress=lambda size, done, total: bar.update(sizes.index(size) * total + done))
   sizes_name = "-".join(map(str, sizes))  # Runs at other sizes keep their own files.
   output = f.output or os.path.join(
       f.workdir, f"eval_resolutions_{sizes_name}_{f.fit}_{predictor.step}.json")
