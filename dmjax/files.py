@@ -1,5 +1,5 @@
-"""Files written atomically: a temporary file beside the target, then a rename. A reader (or the
-next run after a crash) sees the old file or the new one, never half of one."""
+"""Files and folders written atomically: a temporary one beside the target, then a rename. A
+reader (or the next run after a crash) sees the old one or the new one, never half of one."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import contextlib
 import io
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import IO
 
@@ -25,6 +27,25 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+  """A temporary folder beside `path`, put in its place (replacing what was there) only when
+  the block completes."""
+  parent = os.path.dirname(path) or "."
+  partial = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=parent)
+  try:
+    yield partial
+    if os.path.exists(path):  # --overwrite: the old folder goes only once the new one is whole.
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
+      os.replace(path, os.path.join(old, "replaced"))
+      os.replace(partial, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(partial, path)
+  finally:
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 def write_json(path: str, data: dict) -> None:

@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import fractions
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -244,7 +243,7 @@ def predict_video(predictor: Predictor, plate: np.ndarray, video: VideoReader, o
       writers[kind] = VideoWriter(file, width=video.width, height=video.height, rate=video.rate,
                                   lossless=lossless)
       stack.callback(writers[kind].close)  # Runs before the rename (callbacks unwind first).
-    folders = ({kind: stack.enter_context(_atomic_folder(paths[f"{kind}_frames"]))
+    folders = ({kind: stack.enter_context(files.atomic_folder(paths[f"{kind}_frames"]))
                 for kind in ("mask", "depth")} if png_frames else {})
     for prediction in predict_frames(predictor, plate, video):
       images = photos.output_images(prediction)
@@ -259,25 +258,6 @@ def predict_video(predictor: Predictor, plate: np.ndarray, video: VideoReader, o
     if show_progress:
       bar.update(count)
   return VideoResult(count, time.perf_counter() - start, paths)
-
-
-@contextlib.contextmanager
-def _atomic_folder(path: str) -> Iterator[str]:
-  """A temporary folder beside `path`, put in its place (replacing what was there) only when
-  the block completes."""
-  parent = os.path.dirname(path) or "."
-  partial = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=parent)
-  try:
-    yield partial
-    if os.path.exists(path):  # --overwrite: the old folder goes only once the new one is whole.
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
-      os.replace(path, os.path.join(old, "replaced"))
-      os.replace(partial, path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(partial, path)
-  finally:
-    shutil.rmtree(partial, ignore_errors=True)
 
 
 def measure_video_frames(predictor: Predictor, *, size: tuple[int, int] = (256, 256),
