@@ -50,7 +50,10 @@ def format_rate(per_second: float, unit: str) -> str:
     return f"{per_second:.0f} {unit}/s"
   if per_second >= 1:
     return f"{per_second:.1f} {unit}/s"
-  singular = unit[:-1] if unit.endswith("s") else unit
+  if unit.endswith(("ches", "shes", "sses", "xes")):  # batches, boxes
+    singular = unit[:-2]
+  else:
+    singular = unit[:-1] if unit.endswith("s") else unit
   return f"{1 / per_second:.1f} s/{singular}" if per_second > 0 else f"0 {unit}/s"
 
 

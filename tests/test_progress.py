@@ -27,6 +27,7 @@ def test_format_duration_and_rate():
   assert progress.format_rate(12.4, "frames") == "12 frames/s"
   assert progress.format_rate(3.44, "frames") == "3.4 frames/s"
   assert progress.format_rate(0.4, "frames") == "2.5 s/frame"
+  assert progress.format_rate(0.4, "batches") == "2.5 s/batch"
 
 
 def test_rate_and_eta_are_measured_from_the_first_update():

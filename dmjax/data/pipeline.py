@@ -130,6 +130,18 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, process_index: i
                        prefetch=config.data.prefetch)
 
 
+def _num_eval_examples(data_source, num_examples: int) -> int:
+  return len(data_source) if num_examples < 0 else min(num_examples, len(data_source))
+
+
+def num_eval_batches(config: ml_collections.ConfigDict, split: str, num_examples: int = -1,
+                     batch_size: int | None = None) -> int:
+  """How many batches `create_eval_batches` gives with the same arguments."""
+  data_source = _data_source(_built_source(config, split), split)
+  return math.ceil(_num_eval_examples(data_source, num_examples)
+                   / (batch_size or config.eval_batch_size))
+
+
 def create_eval_batches(config: ml_collections.ConfigDict, split: str, num_examples: int = -1,
                         batch_size: int | None = None, *, process_index: int | None = None,
                         process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -144,9 +156,8 @@ def create_eval_batches(config: ml_collections.ConfigDict, split: str, num_examp
   global_batch_size = batch_size or config.eval_batch_size
   local_batch_size = _local_batch_size(global_batch_size, process_count,
                                        "the evaluation batch size")
-  source = _built_source(config, split)
-  data_source = _data_source(source, split)
-  total = len(data_source) if num_examples < 0 else min(num_examples, len(data_source))
+  data_source = _data_source(_built_source(config, split), split)
+  total = _num_eval_examples(data_source, num_examples)
   num_batches = math.ceil(total / global_batch_size)
   slots = grain.MapDataset.range(num_batches * local_batch_size)
   slots = slots.map(_EvalSlot(data_source, total, global_batch_size, local_batch_size,

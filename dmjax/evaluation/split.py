@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dmjax import checkpoints, errors, files, models, parallel, summaries, visualize
+from dmjax import checkpoints, errors, files, models, parallel, progress, summaries, visualize
 from dmjax.data import pipeline
 from dmjax.data.schema import DEPTH_VALID_MIN
 from dmjax.evaluation import baselines, evaluator
@@ -157,8 +157,11 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, split: str = "
                        in_shardings=(replicated, sharded),
                        out_shardings=(replicated, sharded, sharded))
   tally = ExampleTally(error=rank_by, num_kept=num_kept)
-  batches = pipeline.create_eval_batches(config, split, num_examples,
-                                         batch_size=config.eval_batch_size)
+  batches = progress.track(
+      pipeline.create_eval_batches(config, split, num_examples,
+                                   batch_size=config.eval_batch_size),
+      f"evaluate {split}", pipeline.num_eval_batches(config, split, num_examples),
+      unit="batches")
   results = evaluator.evaluate(_recording(model_step, tally), variables, batches, mesh)
   _insert_after(results, "mask_iou_per_image", "mask_boundary_f", tally.mean_boundary_f())
 
