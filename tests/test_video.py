@@ -204,7 +204,7 @@ def test_measure_video_frames():
   predictor = inference.Predictor(model=PlateDifference(), variables={}, resolution=64, fit="pad")
   row = video.measure_video_frames(predictor, size=(32, 48), frames=6, batch_size=4)
   assert (row["frames"], row["height"], row["width"], row["batch_size"]) == (6, 32, 48, 4)
-  # Both rounded (seconds to the millisecond): a few per cent on this tiny clip.
+  # Both rounded: seconds to the microsecond, frames/s to 0.01 (a clip may take a few ms).
   assert row["frames_per_second"] == pytest.approx(6 / row["seconds"], rel=0.05)
 
 

@@ -286,6 +286,6 @@ def measure_video_frames(predictor: Predictor, *, size: tuple[int, int] = (256, 
       result = predict_video(predictor, plate, video, os.path.join(folder, "out"), name="clip",
                              show_progress=False)
   return {"what": "video", "height": height, "width": width, "frames": result.frames,
-          "batch_size": batch_size, "fit": predictor.fit, "seconds": round(result.seconds, 3),
+          "batch_size": batch_size, "fit": predictor.fit, "seconds": round(result.seconds, 6),
           "frames_per_second": round(result.frames_per_second, 2)}
 
