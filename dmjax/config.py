@@ -24,8 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16"; parameters stay float32.
   c.model.blur = True  # depthmasknet_v2 only: blur after each pixel shuffle.
   # Run the model at half the input size and sharpen its logits back to full size with a small
-  # full-resolution refiner (dmjax.models.refiner); at inference the refiner climbs in 2x steps
-  # to the photo's own size.
+  # full-resolution refiner (dmjax.models.refiner); photos of any size: dmjax.inference.cascade.
   c.model.refiner = False
   c.model.refiner_features = 12  # Channels of the refiner's convolutions.
   c.model.refiner_window = 0  # Train the refiner on this window of each example; 0 = all of it.
@@ -96,6 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.mask_dice = 1.0
   c.loss.dice_per_image = False  # Dice averaged per image instead of over the whole batch.
   c.loss.depth_l1 = 0.1
+  # Relative depth errors, which δ1 and AbsRel count (its effect: README, "What command 1 gives").
+  c.loss.depth_log_l1 = 0.5
   c.loss.depth_ssim = 1.0
   c.loss.depth_edge = 1.0
   c.loss.depth_bce_dice = 0.0  # The original's BCE + Dice on depth (seed 002).
@@ -219,7 +220,8 @@ def upgrade_saved(saved: dict) -> ml_collections.ConfigDict:
   Before issue 14 the original system's data was `data.source="seed"` with `data.seed_layout`
   (now "original" and `data.original_layout`, same contents, so the built dataset is the same),
   and `data.on_device` chose between augmenting in the step and on the host (the step always
-  does now; a run that augmented on the host restores its model, not its data stream).
+  does now; a run that augmented on the host restores its model, not its data stream). Loss
+  terms added later (`loss.depth_log_l1`) are 0 in a run saved before them.
   """
   config = copy.deepcopy(dict(saved))
   data = config.get("data", {})
@@ -228,6 +230,8 @@ def upgrade_saved(saved: dict) -> ml_collections.ConfigDict:
   if data.get("source") == "seed":
     data["source"] = "original"
   data.pop("on_device", None)
+  # Loss terms added since: a run saved before one existed trained without it.
+  config.setdefault("loss", {}).setdefault("depth_log_l1", 0.0)
   return ml_collections.ConfigDict(config)
 
 
@@ -352,6 +356,7 @@ def stage_config(resolution: int, arg: str | None) -> ml_collections.ConfigDict:
     c.model.name = name
     c.model.dtype = "float32"  # As the originals trained.
     c.data.augment.enabled = False  # None of the originals augmented.
+    c.loss.depth_log_l1 = 0.0  # Ours: none of the originals had it.
     ORIGINAL_RECIPES[name](c, resolution)
   elif args.recipe != "default":
     raise errors.UserError(f"config argument recipe={args.recipe!r}: expected default or "

@@ -16,6 +16,9 @@ Depth, always on the prediction sigmoid(logits), never the raw logits (the seed'
                   the whole window fits; images must be at least `ssim_window` on each side.
                   `loss.ssim_form = "kornia2020"`: the seed's kornia form instead, reflect padding
                   and mean(clip(1 - SSIM_map, 0, 1) / 2) (see `ssim_loss`).
+  depth_log_l1    mean |log ŷ - log y|, both clipped below at DEPTH_VALID_MIN: relative errors, as
+                  δ thresholds and AbsRel count them, so near pixels (where a centimetre is a large
+                  error) weigh more than far ones; log ŷ is log_sigmoid(logits).
   depth_edge      mean(|∂y ŷ - ∂y y| + |∂x ŷ - ∂x y|) with forward differences in the
                   `tf.image.image_gradients` convention DenseDepth used: the difference is zero in
                   the last row (∂y) and last column (∂x), and the mean runs over all H·W pixels.
@@ -62,6 +65,7 @@ import optax
 
 from dmjax import errors, reductions
 from dmjax.config import SSIM_FORMS
+from dmjax.data import schema
 from dmjax.models import refiner
 
 _SSIM_SIGMA = 1.5
@@ -69,8 +73,9 @@ _SSIM_K1 = 0.01
 _SSIM_K2 = 0.03
 
 # Every term's weight is the `loss.*` config key of the same name.
-TERM_NAMES = ("mask_bce", "mask_dice", "depth_l1", "depth_ssim", "depth_edge", "depth_bce_dice",
-              "mask_iou", "depth_bce", "depth_sobel_edge", "depth_hu", "side_bce")
+TERM_NAMES = ("mask_bce", "mask_dice", "depth_l1", "depth_log_l1", "depth_ssim", "depth_edge",
+              "depth_bce_dice", "mask_iou", "depth_bce", "depth_sobel_edge", "depth_hu",
+              "side_bce")
 # Outputs of a model with deep supervision (u2netp_dual): (B, H, W, number of side outputs).
 SIDE_OUTPUTS = ("mask_sides", "depth_sides")
 _IOU_SMOOTH = 1e-6  # Seed 004's.
@@ -144,6 +149,14 @@ def edge_loss(pred: jnp.ndarray, target: jnp.ndarray, weight: jnp.ndarray) -> jn
 
 def l1_loss(pred: jnp.ndarray, target: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
   return reductions.weighted_mean(reductions.per_image_mean(jnp.abs(pred - target)), weight)
+
+
+def log_l1_loss(logits: jnp.ndarray, target: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
+  floor = jnp.log(schema.DEPTH_VALID_MIN)
+  log_pred = jnp.maximum(jax.nn.log_sigmoid(logits), floor)
+  log_target = jnp.log(jnp.maximum(target, schema.DEPTH_VALID_MIN))
+  return reductions.weighted_mean(reductions.per_image_mean(jnp.abs(log_pred - log_target)),
+                                  weight)
 
 
 def iou_loss(probs: jnp.ndarray, labels: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
@@ -239,6 +252,7 @@ def compute_losses(outputs: Mapping[str, jnp.ndarray], batch: Mapping[str, Any],
       "mask_bce": lambda: bce_loss(mask_logits, mask_labels, weight),
       "mask_dice": lambda: dice_loss(mask_probs(), mask_labels, weight, per_image_dice),
       "depth_l1": lambda: l1_loss(depth_pred(), depth_labels, weight),
+      "depth_log_l1": lambda: log_l1_loss(depth_logits, depth_labels, weight),
       "depth_ssim": lambda: ssim_loss(
           depth_pred(), depth_labels, weight, int(loss_config["ssim_window"]),
           str(loss_config.get("ssim_form", "reference"))),

@@ -14,9 +14,9 @@ from the same camera) gives CLIP_mask.mp4 and CLIP_depth.mp4, and with --png_fra
 PNGs in CLIP_mask/ and CLIP_depth/ (`dmjax.inference.video`; needs the `video` extra).
 
 Any size and any format PIL reads (grayscale, RGBA and 16-bit images become RGB; EXIF rotation
-is applied). `--fit=auto` (default) predicts at the photo's own size: the model at a working
-size where objects look as in training, then the run's refiner in 2x steps up to the photo
-(`dmjax.inference.Predictor`); `--fit=resize` squeezes each pair to the run's square resolution
+is applied). `--fit=auto` (default) predicts at the photo's own size: the model on the whole
+photo, then on a window around the object, each at the scale it was trained on
+(`dmjax.inference.cascade`); `--fit=resize` squeezes each pair to the run's square resolution
 and the outputs back; `--fit=pad` runs the fully convolutional model at the image's own size.
 Existing outputs are never replaced without `--overwrite`.
 Bad input (an unreadable file, sizes that differ, a missing partner, an existing output) is
@@ -53,7 +53,8 @@ def define_flags(f: flags.FlagValues, argv: list[str]) -> None:
                       required=True)
   flags.DEFINE_bool("overlay", False, "Also write NAME_overlay.png.", flag_values=f)
   flags.DEFINE_bool("overwrite", False, "Replace existing outputs.", flag_values=f)
-  flags.DEFINE_enum("fit", "auto", FITS, "auto: at the photo's own size, refined in 2x steps; "
+  flags.DEFINE_enum("fit", "auto", FITS,
+                    "auto: at the photo's own size, whole photo then object window; "
                     "resize: squeezed to the run's resolution; pad: the model at the photo's size.",
                     flag_values=f)
   flags.DEFINE_integer("batch_size", 8, "Pairs per model call.", lower_bound=1, flag_values=f)

@@ -34,7 +34,8 @@ def define_flags(f: flags.FlagValues, argv: list[str]) -> None:
                       flag_values=f)
   flags.DEFINE_integer("port", 8000, "Port to listen on.", lower_bound=0, upper_bound=65535,
                        flag_values=f)
-  flags.DEFINE_enum("fit", "auto", FITS, "auto: at the photo's own size, refined in 2x steps; "
+  flags.DEFINE_enum("fit", "auto", FITS,
+                    "auto: at the photo's own size, whole photo then object window; "
                     "resize: squeezed to the run's resolution; pad: the model at the photo's size.",
                     flag_values=f)
   flags.DEFINE_integer("batch_size", 8, "Most pairs per model call.", lower_bound=1,

@@ -13,7 +13,8 @@ from dmjax import checkpoints, inference, train
 SAVED = os.path.join(REPO, "tests", "data", "workdir_before_restructure")
 
 
-@pytest.mark.parametrize("fit", inference.FITS)
+# `auto` changed on purpose since (dmjax.inference.cascade's two passes); the model did not.
+@pytest.mark.parametrize("fit", ["resize", "pad"])
 def test_predictions_are_those_the_old_code_made(fit):
   saved = np.load(os.path.join(SAVED, "predictions.npz"))
   predictor = inference.Predictor.from_workdir(SAVED, fit=fit)

@@ -11,7 +11,8 @@ from skimage.metrics import structural_similarity
 from dmjax import config as config_lib
 from dmjax import losses
 
-ALL_TERMS = ("mask_bce", "mask_dice", "depth_l1", "depth_ssim", "depth_edge", "depth_bce_dice")
+ALL_TERMS = ("mask_bce", "mask_dice", "depth_l1", "depth_ssim", "depth_edge", "depth_bce_dice",
+             "depth_log_l1")
 
 
 def loss_config(**overrides) -> ml_collections.ConfigDict:
@@ -109,6 +110,8 @@ def np_terms(outputs, batch, per_image_dice=False, window=11):
       "mask_bce": np_bce(outputs["mask"], mask),
       "mask_dice": np_dice_loss(mask_p, mask, per_image_dice),
       "depth_l1": np.mean(np.abs(depth_p - depth)),
+      "depth_log_l1": np.mean(np.abs(np.log(np.maximum(depth_p, 0.01))
+                                     - np.log(np.maximum(depth, 0.01)))),
       "depth_ssim": ssim_loss_from_maps(maps),
       "depth_edge": np_edge_loss(depth_p, depth),
       "depth_bce_dice": (np_bce(outputs["depth"], depth)
@@ -123,7 +126,7 @@ def jitted_losses(cfg):
 @pytest.mark.parametrize("per_image_dice,window", [(False, 11), (True, 3)])
 def test_terms_match_numpy(per_image_dice, window):
   outputs, batch = random_inputs()
-  weights = dict(zip(ALL_TERMS, (0.5, 2.0, 0.1, 1.0, 3.0, 0.25), strict=True))
+  weights = dict(zip(ALL_TERMS, (0.5, 2.0, 0.1, 1.0, 3.0, 0.25, 0.7), strict=True))
   cfg = loss_config(dice_per_image=per_image_dice, ssim_window=window, **weights)
   total, terms = jitted_losses(cfg)(outputs, batch)
   expected = np_terms(outputs, batch, per_image_dice, window)
@@ -209,7 +212,7 @@ def test_kornia2020_ssim_through_compute_losses_has_finite_gradients():
 
 def test_zero_weight_terms_are_skipped():
   outputs, batch = random_inputs(batch_size=2, size=16)
-  cfg = loss_config(depth_ssim=0.0, depth_bce_dice=0.0, mask_dice=0.0)
+  cfg = loss_config(depth_ssim=0.0, depth_bce_dice=0.0, mask_dice=0.0, depth_log_l1=0.0)
   total, terms = jitted_losses(cfg)(outputs, batch)
   assert set(terms) == {"mask_bce", "depth_l1", "depth_edge"}
   np.testing.assert_allclose(total, terms["mask_bce"] + terms["depth_l1"] + terms["depth_edge"],

@@ -1,4 +1,5 @@
-"""The refined model and the inference cascade that predicts at the photo's own size."""
+"""The refined model, and the cascade that applies it to photos of any size
+(dmjax.inference.cascade)."""
 
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from conftest import REPO
 
 from dmjax import config as config_lib
 from dmjax import inference, losses, models
+from dmjax.inference import cascade
 from dmjax.inference import predictor as predictor_lib
 from dmjax.models import refiner
 
@@ -35,13 +37,15 @@ class DifferenceNet(nn.Module):
             "depth": jnp.broadcast_to(rows, difference.shape)}
 
 
-def _disc_pair(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _disc_pair(height: int, width: int,
+               radius: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """A smooth background and the same with a disc (an ellipse in a non-square frame)."""
   rows = (np.arange(height) + 0.5) / height
   cols = (np.arange(width) + 0.5) / width
   red, green = np.broadcast_arrays(rows[:, None] * 200, cols[None, :] * 150)
   bg = np.stack([red, green, np.full_like(red, 80)], axis=-1)
-  inside = (rows[:, None] - 0.55) ** 2 / 0.3**2 + (cols[None, :] - 0.4) ** 2 / 0.2**2 < 1
+  inside = ((rows[:, None] - 0.55) ** 2 / (1.5 * radius)**2
+            + (cols[None, :] - 0.4) ** 2 / radius**2 < 1)
   fg_bg = np.where(inside[..., None], np.array([30.0, 220.0, 200.0]), bg)
   return bg.astype(np.uint8), fg_bg.astype(np.uint8), inside
 
@@ -58,16 +62,69 @@ def _iou(a, b):
   return (a & b).sum() / max((a | b).sum(), 1)
 
 
-def test_cascade_sizes_double_up_to_the_photo():
-  # The base's long side is halved until at most MAX_BASE_ZOOM (3.5) times its training size.
-  assert refiner.cascade_sizes(512, 512, 64, True) == [(128, 128), (256, 256), (512, 512)]
-  # Non-square: the long side decides; the last level is the photo itself.
-  assert refiner.cascade_sizes(1536, 2048, 64, True)[0] == (96, 128)
-  assert refiner.cascade_sizes(1536, 2048, 64, True)[-1] == (1536, 2048)
-  # At least one refinement step, even where the base could take the whole photo.
-  assert refiner.cascade_sizes(192, 192, 64, True) == [(96, 96), (192, 192)]
-  # Without a refiner, one level: the base at its working size.
-  assert refiner.cascade_sizes(512, 512, 64, False) == [(128, 128)]
+def test_each_pass_gives_the_model_the_photo_at_its_working_size():
+  cascade_64 = _difference_predictor(base_resolution=64)._cascade
+  # A refined model takes twice its base's working size, whatever the photo's size.
+  assert cascade_64.input_size(512, 512, 64) == (128, 128)
+  assert cascade_64.input_size(1536, 2048, 64) == (96, 128)
+  # The object pass: its base at 1.5 × 64 (or the window's own size, if smaller).
+  assert cascade_64.working_sizes(1536, 2048) == {"frame": (96, 128), "object": (192, 192)}
+  assert cascade_64.object_base_side(60) == 60
+  unrefined = inference.Predictor(model=DifferenceNet(), variables={}, resolution=64)
+  assert unrefined.working_sizes(512, 384) == {"frame": (64, 48), "object": (96, 96)}
+
+
+def test_a_pass_at_the_models_own_size_is_the_plain_model():
+  model = refiner.Refined(base=models.create_model(config_lib.stage_config(64, None).model).base,
+                          features=4)
+  bg, fg_bg, _ = _disc_pair(64, 64)
+  bg, fg_bg = (jnp.asarray(x, jnp.float32)[None] / 255 for x in (bg, fg_bg))
+  variables = model.init(jax.random.PRNGKey(0), bg, fg_bg)
+  # A refiner that changes its input, so that the pass must include it.
+  variables = jax.tree.map(lambda x: x + 0.05 * jnp.cos(jnp.arange(x.size).reshape(x.shape)),
+                           variables)
+  plain = model.apply(variables, bg, fg_bg)
+  passed = cascade.Cascade(model, variables, base_resolution=32)._pass(bg, fg_bg, 32)
+  upsampled = refiner.upsample_logits(plain["coarse"], 64, 64)
+  assert np.abs(np.asarray(plain["mask"]) - np.asarray(upsampled[0])).max() > 1e-2
+  np.testing.assert_allclose(passed[0], plain["mask"], atol=1e-5)
+  np.testing.assert_allclose(passed[1], plain["depth"], atol=1e-5)
+
+
+def test_object_window_is_centred_on_the_object_and_round_trips():
+  mask = np.full((100, 60), -1.0)
+  mask[10:20, 30:36] = 1.0  # A 10 × 6 box centred on (15, 33).
+  assert cascade.object_window(mask) == cascade.Window(top=5, left=23, side=20)
+  mask[10:20, 54:60] = 1.0  # The box now reaches the right edge: the window moves inside.
+  assert cascade.object_window(mask, context=2.0) == cascade.Window(top=0, left=0, side=60)
+  assert cascade.object_window(np.full((8, 8), -1.0)) is None
+  # Larger than the photo: not cut, the photo in its middle.
+  wide = cascade.object_window(mask, context=5.0)
+  assert wide == cascade.Window(top=-25, left=-45, side=150)
+  photo = np.random.default_rng(0).random((1, 100, 60, 3))
+  crop = cascade.crop_window(photo, wide)
+  assert crop.shape == (1, 150, 150, 3)
+  np.testing.assert_array_equal(crop[0, 25:125, 45:105], photo[0])
+  np.testing.assert_array_equal(crop[0, 25:125, :45], np.repeat(photo[0, :, :1], 45, axis=1))
+  np.testing.assert_array_equal(crop[0, :25, 45:105], np.repeat(photo[0, :1], 25, axis=0))
+  canvas = np.zeros((100, 60, 3))
+  cascade.paste_window(canvas, crop[0], wide)
+  np.testing.assert_array_equal(canvas, photo[0])
+  inner = cascade.Window(top=30, left=10, side=16)
+  canvas = np.zeros((100, 60, 3))
+  cascade.paste_window(canvas, cascade.crop_window(photo, inner)[0], inner)
+  np.testing.assert_array_equal(canvas[30:46, 10:26], photo[0, 30:46, 10:26])
+  assert canvas.sum() == photo[0, 30:46, 10:26].sum()
+
+
+def test_small_object_in_a_large_photo_is_found_and_segmented_up_close():
+  predictor = _difference_predictor()  # Base at 32 px: the disc is 2 px wide there.
+  bg, fg_bg, truth = _disc_pair(512, 512, radius=0.03)
+  mask, _ = predictor(bg, fg_bg)
+  assert _iou(mask > 0.5, truth) >= 0.85
+  frame_only, _ = predictor._cascade._pass(
+      *(jnp.asarray(x, jnp.float32)[None] / 255 for x in (bg, fg_bg)), 32)
+  assert _iou(np.asarray(frame_only[0, ..., 0]) > 0, truth) < 0.85
 
 
 def test_same_scene_at_two_sizes_gives_the_same_mask():
@@ -82,33 +139,15 @@ def test_same_scene_at_two_sizes_gives_the_same_mask():
   assert _iou(small > 0.5, small_truth) >= 0.9  # And both are right, not both empty.
 
 
-def test_depth_comes_from_the_base_at_its_own_working_size():
+def test_depth_comes_from_the_whole_photo_pass():
   predictor = _difference_predictor()  # Base trained (as it were) at 32 px.
   bg, fg_bg, _ = _disc_pair(256, 256)
   _, depth = predictor(bg, fg_bg)
-  # Masks: base at 64 (256 halved twice, ≤ 3.5 × 32); depth: base at 32 (≤ 1.75 × 32).
-  assert refiner.cascade_sizes(256, 256, 32, True)[0] == (64, 64)
-  rows = np.linspace(-2.0, 2.0, 32)[:, None] * np.ones((1, 32))
-  expected = jax.image.resize(jnp.asarray(rows), (256, 256), "linear")
+  # The base at 32 px, the (untrained) refiner at 64 returns its upsampled logits, then 256.
+  rows = jnp.asarray(np.linspace(-2.0, 2.0, 32)[None, :, None, None] * np.ones((1, 1, 32, 1)))
+  at_64 = jax.image.resize(rows, (1, 64, 64, 1), "linear")
+  expected = jax.image.resize(at_64, (1, 256, 256, 1), "linear")[0, ..., 0]
   np.testing.assert_allclose(depth, jax.nn.sigmoid(expected), atol=1e-5)
-
-
-def test_refining_in_bands_equals_one_call():
-  model = refiner.Refiner(features=4)
-  shape = (2, 70, 40, 3)
-  key = jax.random.split(jax.random.PRNGKey(1), 5)
-  bg, fg_bg = (jax.random.normal(k, shape) for k in key[:2])
-  mask, depth = (jax.random.normal(k, shape[:3] + (1,)) for k in key[2:4])
-  variables = model.init(key[4], bg, fg_bg, mask, depth)
-  # Non-zero last conv and BatchNorm statistics, so the refiner changes its input.
-  variables = jax.tree.map(lambda x: x + 0.3 * jnp.cos(jnp.arange(x.size).reshape(x.shape)),
-                           variables)
-  refine = jax.jit(lambda *a: model.apply(variables, *a))
-  whole = refine(bg, fg_bg, mask, depth)
-  banded = refiner.refine_in_bands(refine, bg, fg_bg, mask, depth, band_rows=16)
-  assert not np.allclose(whole[0], mask)
-  for expected, actual in zip(whole, banded, strict=True):
-    np.testing.assert_allclose(actual, expected, atol=1e-5)
 
 
 def test_refined_training_step_and_window_loss():

@@ -51,8 +51,8 @@ flag is a field of `Settings`, so the same rows come from Python:
              memory analysis at two batch sizes
   macs       XLA's multiply-accumulates of one image's inference forward pass (no timing), for
              each of `--models` at each of `--macs_resolutions`
-  photo      `dmjax.inference.Predictor` (fit=auto: the model at its working size, the refiner in
-             2x steps up to the photo) on one pair of each `--photo_sizes`, in a fresh process
+  photo      `dmjax.inference.Predictor` (fit=auto: dmjax.inference.cascade's two passes) on
+             one pair of each `--photo_sizes`, in a fresh process
              per size: seconds per pair after a warm-up call, the first call's (compiling), and
              that process's peak RSS; the config's model at initialisation, or `--workdir`'s
   video      `dmjax.predict --video` on a generated clip of `--video_size` (a disc crossing a

@@ -101,12 +101,13 @@ def _time_photo(config_json: str, workdir: str | None, width: int, height: int,
   return {"first_call_seconds": round(first, 2),
           "seconds_per_pair": round(statistics.median(seconds), 3),
           "min_seconds": round(min(seconds), 3), "max_seconds": round(max(seconds), 3),
-          "levels": [list(s) for s in predictor.working_sizes(height, width)],
+          "model_inputs": {name: list(size)
+                           for name, size in predictor.working_sizes(height, width).items()},
           "process_peak_rss_mb": round(timing.own_peak_rss_bytes() / timing.MiB, 1)}
 
 
 def measure_photo(config: ml_collections.ConfigDict, settings: Settings) -> Iterable[timing.Row]:
-  """`Predictor` (fit=auto, dmjax.models.refiner.Cascade) on one photo pair of each size."""
+  """`Predictor` (fit=auto, dmjax.inference.cascade) on one photo pair of each size."""
   import multiprocessing  # noqa: PLC0415
 
   config_json = config.copy_and_resolve_references().to_json()

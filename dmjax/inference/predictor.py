@@ -19,6 +19,7 @@ import numpy as np
 
 from dmjax import checkpoints, errors, models
 from dmjax.data import schema
+from dmjax.inference import cascade as cascade_lib
 from dmjax.inference import exported as exported_lib
 from dmjax.models import layers, refiner
 
@@ -71,10 +72,10 @@ class Predictor:
   """A trained model that predicts at any image size: `Predictor.from_workdir(workdir)`.
 
   `fit` is how a photo meets the model:
-    auto    (default) at the photo's own size: the model at a working size where objects look
-            as in training, then (for a refined model) the refiner in 2x steps up to the photo's
-            size (`dmjax.models.refiner.Cascade`; depth from the model at its own working
-            size); sharp edges at any size, bounded memory.
+    auto    (default) at the photo's own size: the model on the whole photo and then on a window
+            around the object, each at a working size where objects look as in training, with
+            a refined model's refiner step (`dmjax.inference.cascade`); sharp edges at any
+            size, at a cost that hardly grows with the photo.
     resize  squeezed to the run's square training resolution, outputs resized back.
     pad     the whole model at the photo's own size, padded to the size multiple it needs.
 
@@ -108,7 +109,7 @@ class Predictor:
     refined = isinstance(self.model, refiner.Refined)
     self._multiple = size_multiple(self.model)
     base_resolution = self.resolution // refiner.REFINE_FACTOR if refined else self.resolution
-    self._cascade = refiner.Cascade(self.model, self.variables, base_resolution)
+    self._cascade = cascade_lib.Cascade(self.model, self.variables, base_resolution)
 
   @classmethod
   def from_workdir(cls, workdir: str, *, step: int | None = None, fit: str = "auto",
@@ -178,10 +179,10 @@ class Predictor:
                                         for m in (mask, depth)))
     return outputs
 
-  def working_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
-    """(height, width) of each level `fit="auto"` runs for a photo of this size: the base
-    model's first, then each refiner step's."""
-    return self._cascade.sizes(height, width)
+  def working_sizes(self, height: int, width: int) -> dict[str, tuple[int, int]]:
+    """The model's input size in each pass of `fit="auto"` for a photo of this size
+    (`dmjax.inference.cascade.Cascade.working_sizes`)."""
+    return self._cascade.working_sizes(height, width)
 
   def _model_input(self, bg: np.ndarray, fg_bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if self.fit == "resize":
