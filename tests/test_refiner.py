@@ -92,21 +92,23 @@ def test_a_pass_at_the_models_own_size_is_the_plain_model():
 
 
 def test_object_window_is_centred_on_the_object_and_round_trips():
+  assert [cascade.window_side(x) for x in (1, 16, 16.5, 20, 32, 60, 150)] == [
+      16, 16, 19, 23, 32, 64, 152]
   mask = np.full((100, 60), -1.0)
-  mask[10:20, 30:36] = 1.0  # A 10 × 6 box centred on (15, 33).
-  assert cascade.object_window(mask) == cascade.Window(top=5, left=23, side=20)
-  mask[10:20, 54:60] = 1.0  # The box now reaches the right edge: the window moves inside.
-  assert cascade.object_window(mask, context=2.0) == cascade.Window(top=0, left=0, side=60)
+  mask[10:26, 30:38] = 1.0  # A 16 × 8 box centred on (18, 34): a window of 2 × 16.
+  assert cascade.object_window(mask) == cascade.Window(top=2, left=18, side=32)
+  mask[10:26, 54:60] = 1.0  # 30 wide: 60, up to 64, wider than the photo: the photo centred.
+  assert cascade.object_window(mask) == cascade.Window(top=0, left=-2, side=64)
   assert cascade.object_window(np.full((8, 8), -1.0)) is None
-  # Larger than the photo: not cut, the photo in its middle.
+  # Larger than the photo both ways: not cut, the photo in its middle.
   wide = cascade.object_window(mask, context=5.0)
-  assert wide == cascade.Window(top=-25, left=-45, side=150)
+  assert wide == cascade.Window(top=-26, left=-46, side=152)
   photo = np.random.default_rng(0).random((1, 100, 60, 3))
   crop = cascade.crop_window(photo, wide)
-  assert crop.shape == (1, 150, 150, 3)
-  np.testing.assert_array_equal(crop[0, 25:125, 45:105], photo[0])
-  np.testing.assert_array_equal(crop[0, 25:125, :45], np.repeat(photo[0, :, :1], 45, axis=1))
-  np.testing.assert_array_equal(crop[0, :25, 45:105], np.repeat(photo[0, :1], 25, axis=0))
+  assert crop.shape == (1, 152, 152, 3)
+  np.testing.assert_array_equal(crop[0, 26:126, 46:106], photo[0])
+  np.testing.assert_array_equal(crop[0, 26:126, :46], np.repeat(photo[0, :, :1], 46, axis=1))
+  np.testing.assert_array_equal(crop[0, :26, 46:106], np.repeat(photo[0, :1], 26, axis=0))
   canvas = np.zeros((100, 60, 3))
   cascade.paste_window(canvas, crop[0], wide)
   np.testing.assert_array_equal(canvas, photo[0])

@@ -226,8 +226,11 @@ def test_concurrent_requests_share_model_calls_and_compiled_programs(served, pre
   assert calls <= 6, after
   new_batch_sizes = {size for size, count in after["batch_sizes"].items()
                      if count > before["batch_sizes"].get(size, 0)} - {"1"}
-  # Compiled once per batch size (1, 2, 4, 8), not once per request.
-  assert len(lowered) <= per_program * len(new_batch_sizes), (len(lowered), new_batch_sizes)
+  # Compiled once per batch size (1, 2, 4, 8), not once per request; plus, at most once more,
+  # the object window's programs for a window side the first pair did not have (window sides
+  # come from a grid: dmjax.inference.cascade.window_side).
+  assert len(lowered) <= per_program * (len(new_batch_sizes) + 1), (len(lowered),
+                                                                     new_batch_sizes)
 
 
 def test_the_worker_refuses_past_its_queue_and_skips_cancelled_requests(predictor):

@@ -55,8 +55,8 @@ class Window:
 
 def object_window(mask_logits: np.ndarray, context: float = OBJECT_CONTEXT) -> Window | None:
   """The square around the bounding box of every pixel of (H, W) `mask_logits` above 0 (mask
-  probability 0.5), `context` times the box's long side, moved inside the photo where it fits;
-  None if no pixel is above 0.
+  probability 0.5), `context` times the box's long side (up to the next `window_side`), moved
+  inside the photo where it fits; None if no pixel is above 0.
 
   It is not cut to the photo: a large object keeps its margin, so the window's base sees it at
   the same scale as a small one."""
@@ -65,9 +65,19 @@ def object_window(mask_logits: np.ndarray, context: float = OBJECT_CONTEXT) -> W
     return None
   height, width = mask_logits.shape
   box = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
-  side = math.ceil(context * box)
+  side = window_side(context * box)
   return Window(_span_start((rows.min() + rows.max() + 1) / 2, side, height),
                 _span_start((cols.min() + cols.max() + 1) / 2, side, width), side)
+
+
+def window_side(length: float) -> int:
+  """The smallest side of the grid round(16 · 2^(k/4)) that is at least `length`: windows come
+  in a few sizes, each compiled once, where exact sides would compile their resizes for nearly
+  every photo (and every frame of a video)."""
+  k = max(0, math.floor(4 * math.log2(max(length, 1) / 16)))
+  while round(16 * 2 ** (k / 4)) < length:
+    k += 1
+  return round(16 * 2 ** (k / 4))
 
 
 def _span_start(centre: float, side: int, length: int) -> int:
@@ -109,8 +119,9 @@ class Cascade:
   """A trained model applied to photos of any size, in the two passes above.
 
   Called on normalised float32 NHWC photos of one size, it returns the mask probability and
-  depth in [0, 1] at that size. The object pass runs at one size for every window but small
-  ones, so it compiles once whatever the photos.
+  depth in [0, 1] at that size. The object pass gives the model one size for every window but
+  small ones, so the model compiles once for it whatever the photos (the resizes, cheap to
+  compile, once per window size).
   """
 
   def __init__(self, model: nn.Module, variables, base_resolution: int):
