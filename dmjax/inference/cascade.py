@@ -11,8 +11,9 @@ Two passes, each at a working size where objects look as they did in training:
 
 Each pass is the trained model's own forward pass, on the photos resized so that its base
 network works at the pass's size (a refined model, dmjax.models.refiner, takes twice that: its
-base at half, then one refiner step), the logits resized to the photo's (or window's) size. So a small object in a large photo
-is segmented at the scale the network knows, and cost and memory hardly grow with the photo.
+base at half, then one refiner step), the logits resized to the photo's (or window's) size.
+So a small object in a large photo is segmented at the scale the network knows, and cost and
+memory hardly grow with the photo.
 
 Chosen on unseen scenes (`render_example("train", i, seed=1)`: neither training nor test
 scenes) with the 2,600-step default run. Mask IoU / boundary F at 512 px, 32 scenes: the
