@@ -39,8 +39,8 @@ from dmjax.inference import FITS, Predictor, photos, video
 def define_flags(f: flags.FlagValues, argv: list[str]) -> None:
   del argv
   flags.DEFINE_string("workdir", None, "A training run's workdir.", flag_values=f)
-  flags.DEFINE_string("exported", None, "Instead of --workdir: a file from dmjax.export (fit "
-                      "resize, or pad if it has symbolic sizes; auto means resize).", flag_values=f)
+  flags.DEFINE_string("exported", None, "Instead of --workdir: a file from dmjax.export (a "
+                      "file exported at a fixed size runs fit=resize).", flag_values=f)
   flags.mark_flags_as_mutual_exclusive(["workdir", "exported"], required=True, flag_values=f)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", flag_values=f)
   flags.DEFINE_string("bg", None, "The background photo (for one composite or a folder).",

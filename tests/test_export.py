@@ -163,6 +163,15 @@ def test_predictor_and_predict_command_run_the_file(refined_run, refined_file, t
     for got, expected in zip(from_file(bg, fg_bg), from_run(bg, fg_bg), strict=True):
       assert got.shape == (2, 37, 50)
       np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+  # auto: the same two passes; the file's photos are rounded to uint8 at the working size.
+  bg, fg_bg = pairs(1, 150, 200)
+  from_file = Predictor.from_exported(refined_file, batch_size=1)
+  from_run = Predictor.from_workdir(refined_run, batch_size=1)
+  assert from_file.fit == "auto"
+  assert from_file.working_sizes(150, 200) == from_run.working_sizes(150, 200)
+  for got, expected in zip(from_file(bg, fg_bg), from_run(bg, fg_bg), strict=True):
+    assert got.shape == (1, 150, 200)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=0.02)
   with pytest.raises(errors.UserError, match=re.escape(f"{refined_file}: exported from model "
                                                        "'depthmasknet_v2', not 'unet_dual'")):
     Predictor.from_exported(refined_file, expect_model="unet_dual")

@@ -28,7 +28,9 @@ split figures: README, "Photos of any size".
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -119,21 +121,31 @@ def pad_to_multiple(images: Array, multiple: int) -> Array:
 class Cascade:
   """A trained model applied to photos of any size, in the two passes above.
 
-  Called on normalised float32 NHWC photos of one size, it returns the mask probability and
-  depth in [0, 1] at that size. The object pass gives the model one size for every window but
-  small ones, so the model compiles once for it whatever the photos (the resizes, cheap to
-  compile, once per window size).
+  `forward(bg, fg_bg)` gives mask and depth logits for NHWC photo batches whose height and width
+  are multiples of `multiple`; `input_factor` is its input size over its base network's working
+  size (2 for a refined model). Called on float32 NHWC photos of one size (what `forward` takes,
+  at any size), a `Cascade` returns the mask probability and depth in [0, 1] at that size. The
+  object pass gives `forward` one size for every window but small ones, so it compiles once for
+  it whatever the photos (the resizes, cheap to compile, once per window size).
   """
 
-  def __init__(self, model: nn.Module, variables, base_resolution: int):
-    self.variables = variables
+  def __init__(self, forward: Callable[[Array, Array], tuple[Array, Array]],
+               base_resolution: int, *, input_factor: int = 1,
+               multiple: int = layers.SIZE_MULTIPLE):
+    self.forward = forward
     self.base_resolution = base_resolution
-    # The working size is the base's; a refined model takes photos twice as large.
-    self.input_factor = REFINE_FACTOR if isinstance(model, Refined) else 1
-    self.multiple = layers.SIZE_MULTIPLE * self.input_factor
-    self._forward = jax.jit(lambda v, bg, fg_bg: _float32_logits(
-        model.apply(v, bg, fg_bg, train=False)))
+    self.input_factor = input_factor
+    self.multiple = multiple
     self._resize = jax.jit(resize, static_argnums=(1, 2))
+
+  @classmethod
+  def of_model(cls, model: nn.Module, variables, base_resolution: int) -> Cascade:
+    """For a model and its variables, on normalised photos (`schema.normalize_photo`)."""
+    factor = REFINE_FACTOR if isinstance(model, Refined) else 1
+    logits = jax.jit(lambda v, bg, fg_bg: _float32_logits(model.apply(v, bg, fg_bg,
+                                                                      train=False)))
+    return cls(functools.partial(logits, variables), base_resolution, input_factor=factor,
+               multiple=layers.SIZE_MULTIPLE * factor)
 
   def input_size(self, height: int, width: int, base_long_side: int) -> tuple[int, int]:
     """What the model is given for an image of this size whose base works at `base_long_side`."""
@@ -172,7 +184,7 @@ class Cascade:
     size = self.input_size(height, width, base_long_side)
     inputs = [pad_to_multiple(self._resize(x, *size), self.multiple) for x in (bg, fg_bg)]
     return tuple(self._resize(x[:, :size[0], :size[1]], height, width)
-                 for x in self._forward(self.variables, *inputs))
+                 for x in self.forward(*inputs))
 
   def __call__(self, bg, fg_bg) -> tuple[np.ndarray, np.ndarray]:
     mask, depth = self.logits(np.asarray(bg, np.float32), np.asarray(fg_bg, np.float32))

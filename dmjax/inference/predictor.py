@@ -79,8 +79,9 @@ class Predictor:
     resize  squeezed to the run's square training resolution, outputs resized back.
     pad     the whole model at the photo's own size, padded to the size multiple it needs.
 
-  `Predictor.from_exported(file)` runs a `dmjax.export` file instead (no model code): `resize`
-  and, where the file has symbolic sizes, `pad`; `auto` there means `resize`.
+  `Predictor.from_exported(file)` runs a `dmjax.export` file instead (no model code): all three
+  where the file has symbolic sizes; a file exported at a fixed size runs `resize` (`auto` there
+  means `resize`).
   """
 
   model: Any
@@ -98,18 +99,23 @@ class Predictor:
     if self.batch_size < 1:
       raise errors.UserError(f"batch_size={self.batch_size}: expected at least 1")
     if self.exported is not None:
-      # "auto" is the refiner's cascade, which needs the model's code.
-      self.fit = "resize" if self.fit == "auto" else self.fit
       # The exported function normalises uint8 photos itself (`_model_input`).
       self._forward = lambda _, bg, fg_bg: self.exported(bg, fg_bg)
-      self._multiple, self._cascade = self.exported.size_multiple, None
+      self._multiple = self.exported.size_multiple
+      if self.exported.fixed_size is not None:  # Its one size is all "auto" could give it.
+        self.fit, self._cascade = "resize" if self.fit == "auto" else self.fit, None
+        return
+      factor = refiner.REFINE_FACTOR if self.exported.metadata["refiner"] else 1
+      self._cascade = cascade_lib.Cascade(
+          functools.partial(_exported_logits, self.exported), self.resolution // factor,
+          input_factor=factor, multiple=self._multiple)
       return
     self.variables = jax.device_put(self.variables)
     self._forward = jax.jit(functools.partial(models.predict_probabilities, self.model))
     refined = isinstance(self.model, refiner.Refined)
     self._multiple = size_multiple(self.model)
     base_resolution = self.resolution // refiner.REFINE_FACTOR if refined else self.resolution
-    self._cascade = cascade_lib.Cascade(self.model, self.variables, base_resolution)
+    self._cascade = cascade_lib.Cascade.of_model(self.model, self.variables, base_resolution)
 
   @classmethod
   def from_workdir(cls, workdir: str, *, step: int | None = None, fit: str = "auto",
@@ -125,8 +131,8 @@ class Predictor:
                     expect_model: str | None = None) -> Predictor:
     """A `dmjax.export` file (refused if exported from another model than `expect_model`).
 
-    `fit="auto"` needs the model's code (the refiner's cascade) and means `resize` here; `pad`
-    needs a file with symbolic sizes.
+    `fit="auto"` and `pad` need a file with symbolic sizes; at a fixed size, `auto` means
+    `resize`.
     """
     exported = exported_lib.load(path, expect_model=expect_model)
     fixed_size = exported.fixed_size
@@ -213,6 +219,16 @@ class Predictor:
     if self.fit != "resize":
       return values[:height, :width]
     return _resize_map(values, (width, height))
+
+
+def _exported_logits(exported: exported_lib.ExportedModel, bg: np.ndarray,
+                     fg_bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """An exported file as `Cascade` needs it: photos resized as floats in [0, 255] in, logits out
+  (the file takes uint8 photos and gives probabilities)."""
+  as_uint8 = lambda x: np.clip(np.round(np.asarray(x)), 0, 255).astype(np.uint8)
+  probabilities = exported(as_uint8(bg), as_uint8(fg_bg))
+  clipped = [np.clip(p, 1e-6, 1 - 1e-6) for p in probabilities]
+  return tuple(np.log(p) - np.log1p(-p) for p in clipped)
 
 
 def image_size(image: np.ndarray) -> str:
