@@ -84,7 +84,7 @@ def test_a_pass_at_the_models_own_size_is_the_plain_model():
   variables = jax.tree.map(lambda x: x + 0.05 * jnp.cos(jnp.arange(x.size).reshape(x.shape)),
                            variables)
   plain = model.apply(variables, bg, fg_bg)
-  passed = cascade.Cascade.of_model(model, variables, base_resolution=32)._pass(bg, fg_bg, 32)
+  passed = cascade.Cascade.of_model(model, variables, resolution=64)._pass(bg, fg_bg, 32)
   upsampled = refiner.upsample_logits(plain["coarse"], 64, 64)
   assert np.abs(np.asarray(plain["mask"]) - np.asarray(upsampled[0])).max() > 1e-2
   np.testing.assert_allclose(passed[0], plain["mask"], atol=1e-5)

@@ -122,30 +122,29 @@ class Cascade:
   """A trained model applied to photos of any size, in the two passes above.
 
   `forward(bg, fg_bg)` gives mask and depth logits for NHWC photo batches whose height and width
-  are multiples of `multiple`; `input_factor` is its input size over its base network's working
-  size (2 for a refined model). Called on float32 NHWC photos of one size (what `forward` takes,
-  at any size), a `Cascade` returns the mask probability and depth in [0, 1] at that size. The
-  object pass gives `forward` one size for every window but small ones, so it compiles once for
-  it whatever the photos (the resizes, cheap to compile, once per window size).
+  are multiples of its `multiple`; `resolution` is the size it was trained at, and
+  `input_factor` its input size over its base network's working size (2 for a refined model).
+  Called on float32 NHWC photos of one size (what `forward` takes, at any size), a `Cascade`
+  returns the mask probability and depth in [0, 1] at that size. The object pass gives
+  `forward` one size for every window but small ones, so it compiles once for it whatever the
+  photos (the resizes, cheap to compile, once per window size).
   """
 
-  def __init__(self, forward: Callable[[Array, Array], tuple[Array, Array]],
-               base_resolution: int, *, input_factor: int = 1,
-               multiple: int = layers.SIZE_MULTIPLE):
+  def __init__(self, forward: Callable[[Array, Array], tuple[Array, Array]], resolution: int,
+               *, input_factor: int = 1):
     self.forward = forward
-    self.base_resolution = base_resolution
+    self.base_resolution = resolution // input_factor
     self.input_factor = input_factor
-    self.multiple = multiple
+    self.multiple = layers.SIZE_MULTIPLE * input_factor
     self._resize = jax.jit(resize, static_argnums=(1, 2))
 
   @classmethod
-  def of_model(cls, model: nn.Module, variables, base_resolution: int) -> Cascade:
+  def of_model(cls, model: nn.Module, variables, resolution: int) -> Cascade:
     """For a model and its variables, on normalised photos (`schema.normalize_photo`)."""
-    factor = REFINE_FACTOR if isinstance(model, Refined) else 1
     logits = jax.jit(lambda v, bg, fg_bg: _float32_logits(model.apply(v, bg, fg_bg,
                                                                       train=False)))
-    return cls(functools.partial(logits, variables), base_resolution, input_factor=factor,
-               multiple=layers.SIZE_MULTIPLE * factor)
+    factor = REFINE_FACTOR if isinstance(model, Refined) else 1
+    return cls(functools.partial(logits, variables), resolution, input_factor=factor)
 
   def input_size(self, height: int, width: int, base_long_side: int) -> tuple[int, int]:
     """What the model is given for an image of this size whose base works at `base_long_side`."""

@@ -106,16 +106,13 @@ class Predictor:
         self.fit, self._cascade = "resize" if self.fit == "auto" else self.fit, None
         return
       factor = refiner.REFINE_FACTOR if self.exported.metadata["refiner"] else 1
-      self._cascade = cascade_lib.Cascade(
-          functools.partial(_exported_logits, self.exported), self.resolution // factor,
-          input_factor=factor, multiple=self._multiple)
+      self._cascade = cascade_lib.Cascade(functools.partial(_exported_logits, self.exported),
+                                          self.resolution, input_factor=factor)
       return
     self.variables = jax.device_put(self.variables)
     self._forward = jax.jit(functools.partial(models.predict_probabilities, self.model))
-    refined = isinstance(self.model, refiner.Refined)
     self._multiple = size_multiple(self.model)
-    base_resolution = self.resolution // refiner.REFINE_FACTOR if refined else self.resolution
-    self._cascade = cascade_lib.Cascade.of_model(self.model, self.variables, base_resolution)
+    self._cascade = cascade_lib.Cascade.of_model(self.model, self.variables, self.resolution)
 
   @classmethod
   def from_workdir(cls, workdir: str, *, step: int | None = None, fit: str = "auto",
