@@ -67,11 +67,12 @@ def test_each_pass_gives_the_model_the_photo_at_its_working_size():
   # A refined model takes twice its base's working size, whatever the photo's size.
   assert cascade_64.input_size(512, 512, 64) == (128, 128)
   assert cascade_64.input_size(1536, 2048, 64) == (96, 128)
-  # The object pass: its base at 1.5 × 64 (or the window's own size, if smaller).
-  assert cascade_64.working_sizes(1536, 2048) == {"frame": (96, 128), "object": (192, 192)}
+  # The whole photo with its base at 1.25 × 64; the object pass with its base at 1.5 × 64 (or
+  # the window's own size, if smaller).
+  assert cascade_64.working_sizes(1536, 2048) == {"frame": (120, 160), "object": (192, 192)}
   assert cascade_64.object_base_side(60) == 60
   unrefined = inference.Predictor(model=DifferenceNet(), variables={}, resolution=64)
-  assert unrefined.working_sizes(512, 384) == {"frame": (64, 48), "object": (96, 96)}
+  assert unrefined.working_sizes(512, 384) == {"frame": (80, 60), "object": (96, 96)}
 
 
 def test_a_pass_at_the_models_own_size_is_the_plain_model():
@@ -145,10 +146,12 @@ def test_depth_comes_from_the_whole_photo_pass():
   predictor = _difference_predictor()  # Base trained (as it were) at 32 px.
   bg, fg_bg, _ = _disc_pair(256, 256)
   _, depth = predictor(bg, fg_bg)
-  # The base at 32 px, the (untrained) refiner at 64 returns its upsampled logits, then 256.
-  rows = jnp.asarray(np.linspace(-2.0, 2.0, 32)[None, :, None, None] * np.ones((1, 1, 32, 1)))
-  at_64 = jax.image.resize(rows, (1, 64, 64, 1), "linear")
-  expected = jax.image.resize(at_64, (1, 256, 256, 1), "linear")[0, ..., 0]
+  # The base at 1.25 × 32 = 40 px: the refined model is given 80 px, padded to 96 (a multiple
+  # of 32), so the base sees 48 rows; the (untrained) refiner returns its logits upsampled to
+  # 96, whose first 80 rows are the photo, resized to 256.
+  rows = jnp.asarray(np.linspace(-2.0, 2.0, 48)[None, :, None, None] * np.ones((1, 1, 48, 1)))
+  at_96 = jax.image.resize(rows, (1, 96, 96, 1), "linear")
+  expected = jax.image.resize(at_96[:, :80, :80], (1, 256, 256, 1), "linear")[0, ..., 0]
   np.testing.assert_allclose(depth, jax.nn.sigmoid(expected), atol=1e-5)
 
 
