@@ -93,10 +93,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Weights of the loss terms (dmjax.losses documents each); 0 = not computed.
   c.loss.mask_bce = 1.0
   c.loss.mask_dice = 1.0
-  c.loss.dice_per_image = False  # Dice averaged per image instead of over the whole batch.
+  # Dice averaged per image instead of over the whole batch, so that a small object counts as
+  # much as a large one, as per-image IoU and boundary F count them (README, "What command 1
+  # gives").
+  c.loss.dice_per_image = True
   c.loss.depth_l1 = 0.1
   # Relative depth errors, which δ1 and AbsRel count (its effect: README, "What command 1 gives").
-  c.loss.depth_log_l1 = 0.5
+  c.loss.depth_log_l1 = 1.0
   c.loss.depth_ssim = 1.0
   c.loss.depth_edge = 1.0
   c.loss.depth_bce_dice = 0.0  # The original's BCE + Dice on depth (seed 002).
@@ -356,7 +359,8 @@ def stage_config(resolution: int, arg: str | None) -> ml_collections.ConfigDict:
     c.model.name = name
     c.model.dtype = "float32"  # As the originals trained.
     c.data.augment.enabled = False  # None of the originals augmented.
-    c.loss.depth_log_l1 = 0.0  # Ours: none of the originals had it.
+    c.loss.depth_log_l1 = 0.0  # Ours: none of the originals had it,
+    c.loss.dice_per_image = False  # and their Dice ran over the whole batch.
     ORIGINAL_RECIPES[name](c, resolution)
   elif args.recipe != "default":
     raise errors.UserError(f"config argument recipe={args.recipe!r}: expected default or "

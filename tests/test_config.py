@@ -45,6 +45,8 @@ def test_the_original_recipe_is_the_originals():
   # Batch 512, 3 epochs of 280,000 examples: decay ×0.01 at each epoch's end.
   assert (config.batch_size, config.num_train_steps) == (512, 1640)
   assert config.optimizer.step_every == 546
+  # Its losses: our additions off.
+  assert (config.loss.depth_log_l1, config.loss.dice_per_image) == (0.0, False)
 
 
 def test_derived_keys_follow_an_overridden_length():

@@ -19,6 +19,7 @@ def loss_config(**overrides) -> ml_collections.ConfigDict:
   cfg = config_lib.base_config().loss
   for term in ALL_TERMS:
     cfg[term] = 1.0
+  cfg.dice_per_image = False  # The numpy reference's default; tests that vary it say so.
   cfg.update(overrides)
   return cfg
 
