@@ -86,13 +86,6 @@ class Refined(nn.Module):
     outputs["mask"], outputs["depth"] = self.refiner(*inputs, train=train)
     return outputs
 
-  def coarse(self, bg: Array, fg_bg: Array) -> dict[str, Array]:
-    return self.base(bg, fg_bg, train=False)
-
-  def refine(self, bg: Array, fg_bg: Array, mask_logits: Array,
-             depth_logits: Array) -> tuple[Array, Array]:
-    return self.refiner(bg, fg_bg, mask_logits, depth_logits, train=False)
-
 
 def least_certain_window(mask_logits: Array, size: int, stride: int = 8) -> Array:
   """(B, 2) int32 (top, left) of the `size` square with the most mask uncertainty p·(1 - p)."""
