@@ -44,8 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from dmjax.models import layers
-from dmjax.models.refiner import REFINE_FACTOR, Refined, resize
+from dmjax.models import layers, refiner
+from dmjax.models.refiner import resize
 
 Array = jax.Array
 
@@ -154,8 +154,8 @@ class Cascade:
     """For a model and its variables, on normalised photos (`schema.normalize_photo`)."""
     logits = jax.jit(lambda v, bg, fg_bg: _float32_logits(model.apply(v, bg, fg_bg,
                                                                       train=False)))
-    factor = REFINE_FACTOR if isinstance(model, Refined) else 1
-    return cls(functools.partial(logits, variables), resolution, input_factor=factor)
+    return cls(functools.partial(logits, variables), resolution,
+               input_factor=refiner.input_factor(model))
 
   def input_size(self, height: int, width: int, base_long_side: int) -> tuple[int, int]:
     """What the model is given for an image of this size whose base works at `base_long_side`."""

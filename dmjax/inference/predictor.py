@@ -63,8 +63,7 @@ def _pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
 
 def size_multiple(model) -> int:
   """What the whole model needs height and width to be multiples of (`fit="pad"`)."""
-  return layers.SIZE_MULTIPLE * (refiner.REFINE_FACTOR if isinstance(model, refiner.Refined)
-                                 else 1)
+  return layers.SIZE_MULTIPLE * refiner.input_factor(model)
 
 
 @dataclasses.dataclass

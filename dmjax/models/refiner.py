@@ -87,6 +87,11 @@ class Refined(nn.Module):
     return outputs
 
 
+def input_factor(model: nn.Module) -> int:
+  """A model's input size over its base network's working size: 2 for `Refined`, else 1."""
+  return REFINE_FACTOR if isinstance(model, Refined) else 1
+
+
 def least_certain_window(mask_logits: Array, size: int, stride: int = 8) -> Array:
   """(B, 2) int32 (top, left) of the `size` square with the most mask uncertainty p·(1 - p)."""
   probs = jax.nn.sigmoid(jax.lax.stop_gradient(mask_logits[..., 0]))
