@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from absl import flags
 
 from dmjax import cli, errors, progress
-from dmjax.inference import FITS, Predictor, photos, video
+from dmjax.inference import FIT_HELP, FITS, Predictor, photos, video
 
 
 def define_flags(f: flags.FlagValues, argv: list[str]) -> None:
@@ -53,10 +53,7 @@ def define_flags(f: flags.FlagValues, argv: list[str]) -> None:
                       required=True)
   flags.DEFINE_bool("overlay", False, "Also write NAME_overlay.png.", flag_values=f)
   flags.DEFINE_bool("overwrite", False, "Replace existing outputs.", flag_values=f)
-  flags.DEFINE_enum("fit", "auto", FITS,
-                    "auto: at the photo's own size, whole photo then object window; "
-                    "resize: squeezed to the run's resolution; pad: the model at the photo's size.",
-                    flag_values=f)
+  flags.DEFINE_enum("fit", "auto", FITS, FIT_HELP, flag_values=f)
   flags.DEFINE_integer("batch_size", 8, "Pairs per model call.", lower_bound=1, flag_values=f)
   flags.DEFINE_string("video", None, "A video shot against the --bg plate (any format FFmpeg "
                       "reads).", flag_values=f)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from absl import flags, logging
 
 from dmjax import cli
-from dmjax.inference import FITS, Predictor
+from dmjax.inference import FIT_HELP, FITS, Predictor
 
 try:
   from dmjax.inference import server
@@ -34,10 +34,7 @@ def define_flags(f: flags.FlagValues, argv: list[str]) -> None:
                       flag_values=f)
   flags.DEFINE_integer("port", 8000, "Port to listen on.", lower_bound=0, upper_bound=65535,
                        flag_values=f)
-  flags.DEFINE_enum("fit", "auto", FITS,
-                    "auto: at the photo's own size, whole photo then object window; "
-                    "resize: squeezed to the run's resolution; pad: the model at the photo's size.",
-                    flag_values=f)
+  flags.DEFINE_enum("fit", "auto", FITS, FIT_HELP, flag_values=f)
   flags.DEFINE_integer("batch_size", 8, "Most pairs per model call.", lower_bound=1,
                        flag_values=f)
   flags.DEFINE_float("max_upload_mb", server.DEFAULT_MAX_UPLOAD_BYTES / 2**20,

@@ -24,6 +24,8 @@ from dmjax.inference import exported as exported_lib
 from dmjax.models import layers, refiner
 
 FITS = ("auto", "resize", "pad")
+FIT_HELP = ("auto: at the photo's own size, whole photo then object window; resize: squeezed to "
+            "the run's resolution; pad: the model at the photo's size.")
 
 
 class Prediction(NamedTuple):
