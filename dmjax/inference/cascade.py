@@ -145,6 +145,9 @@ class Cascade:
                *, input_factor: int = 1):
     self.forward = forward
     self.base_resolution = resolution // input_factor
+    # The base's working size in each pass (the object pass's for windows at least as large).
+    self.frame_base = round(FRAME_ZOOM * self.base_resolution)
+    self.object_base = round(OBJECT_ZOOM * self.base_resolution)
     self.input_factor = input_factor
     self.multiple = layers.SIZE_MULTIPLE * input_factor
     self._resize = jax.jit(resize, static_argnums=(1, 2))
@@ -162,24 +165,19 @@ class Cascade:
     scale = self.input_factor * base_long_side / max(height, width)
     return max(1, round(height * scale)), max(1, round(width * scale))
 
-  def frame_base_side(self) -> int:
-    return round(FRAME_ZOOM * self.base_resolution)
-
   def object_base_side(self, window_side: int) -> int:
-    return min(round(OBJECT_ZOOM * self.base_resolution), window_side)
+    return min(self.object_base, window_side)
 
   def working_sizes(self, height: int, width: int) -> dict[str, tuple[int, int]]:
     """The model's input size in each pass for a photo of this size; the object pass's for any
     window but one smaller than that."""
-    object_base = round(OBJECT_ZOOM * self.base_resolution)
-    return {"frame": self.input_size(height, width, self.frame_base_side()),
-            "object": self.input_size(object_base, object_base, object_base)}
+    return {"frame": self.input_size(height, width, self.frame_base),
+            "object": self.input_size(self.object_base, self.object_base, self.object_base)}
 
   def logits(self, bg: np.ndarray, fg_bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    frame_base = self.frame_base_side()
-    frame_scale = frame_base / max(bg.shape[1:3])
+    frame_scale = self.frame_base / max(bg.shape[1:3])
     mask, depth = (np.array(x) for x in self._pass(jnp.asarray(bg), jnp.asarray(fg_bg),
-                                                   frame_base))
+                                                   self.frame_base))
     for index in range(len(bg)):
       window = object_window(mask[index, ..., 0])
       if window is None:
