@@ -121,12 +121,13 @@ def test_object_window_is_centred_on_the_object_and_round_trips():
 
 
 def test_small_object_in_a_large_photo_is_found_and_segmented_up_close():
-  predictor = _difference_predictor()  # Base at 32 px: the disc is 2 px wide there.
-  bg, fg_bg, truth = _disc_pair(512, 512, radius=0.03)
+  predictor = _difference_predictor()  # Pass 1's base at 40 px: the disc is 2 px wide there.
+  bg, fg_bg, truth = _disc_pair(512, 512, radius=0.02)
   mask, _ = predictor(bg, fg_bg)
   assert _iou(mask > 0.5, truth) >= 0.85
   frame_only, _ = predictor._cascade._pass(
-      *(jnp.asarray(x, jnp.float32)[None] / 255 for x in (bg, fg_bg)), 32)
+      *(jnp.asarray(x, jnp.float32)[None] / 255 for x in (bg, fg_bg)),
+      predictor._cascade.frame_base)
   assert _iou(np.asarray(frame_only[0, ..., 0]) > 0, truth) < 0.85
 
 
