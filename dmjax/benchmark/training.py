@@ -323,8 +323,9 @@ def measure_max_batch(config: ml_collections.ConfigDict,
   row = {"what": "max_batch", "images_per_sec": None, "model": config.model.name,
          "resolution": run_config.data.resolution}
   if "bytes_limit" in stats:
+    # From the config's own batch (validated to fit the devices): every try is a compile.
     good, bad = largest_fitting_batch(functools.partial(_fits, run_config),
-                                      start=jax.device_count(), multiple=jax.device_count())
+                                      start=run_config.batch_size, multiple=jax.device_count())
     yield {**row, "max_batch": good, "first_failed_batch": bad,
            "memory_limit_mb": round(stats["bytes_limit"] / timing.MiB)}
     return
