@@ -49,7 +49,8 @@ else
   MAX_BATCH_RESOLUTION=192
 fi
 
-stage() {  # stage NAME COMMAND...: run it unless the deadline has passed; JSON lines to ROWS.
+stage() {  # stage NAME COMMAND...: run it unless the deadline has passed; its JSON lines to
+  # ROWS, all its output to LOG.
   local name=$1 left
   shift
   left=$((DEADLINE - ($(date +%s) - STARTED)))
@@ -59,7 +60,8 @@ stage() {  # stage NAME COMMAND...: run it unless the deadline has passed; JSON 
   fi
   echo "== $name ($left s left): $*" | tee -a "$LOG"
   local t0=$(date +%s)
-  timeout --kill-after=5 "$left" "$@" 2>>"$LOG" | tee -a "$ROWS" "$LOG" >/dev/null
+  timeout --kill-after=5 "$left" "$@" 2>>"$LOG" | tee -a "$LOG" | grep --line-buffered "^{" \
+    >>"$ROWS"
   echo "== $name: exit ${PIPESTATUS[0]} after $(($(date +%s) - t0)) s" | tee -a "$LOG"
 }
 
