@@ -97,11 +97,26 @@ def test_peak_table_matches_device_kinds():
   assert flops.table_peak_flops("cpu", "float32") is None
 
 
+@pytest.mark.parametrize("start", [1, 64])
 @pytest.mark.parametrize("limit", [1, 7, 100, 1000])
-def test_largest_fitting_batch_brackets_the_limit(limit):
-  good, bad = training.largest_fitting_batch(lambda b: b <= limit, start=1, multiple=1)
+def test_largest_fitting_batch_brackets_the_limit(limit, start):
+  good, bad = training.largest_fitting_batch(lambda b: b <= limit, start=start, multiple=1)
   assert good <= limit < bad
   assert bad - good <= max(1, good // 32)
+
+
+def test_largest_fitting_batch_keeps_multiples_and_refuses_when_none_fits():
+  tried = []
+
+  def fits(batch):
+    tried.append(batch)
+    return batch <= 20
+
+  good, bad = training.largest_fitting_batch(fits, start=64, multiple=4)
+  assert good <= 20 < bad and bad - good <= 4
+  assert all(batch % 4 == 0 for batch in tried)
+  with pytest.raises(ValueError, match="batch 4 does not fit"):
+    training.largest_fitting_batch(lambda b: False, start=64, multiple=4)
 
 
 def test_torch_loss_is_the_compare_loss():

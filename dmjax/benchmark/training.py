@@ -294,14 +294,19 @@ def largest_fitting_batch(fits: Callable[[int], bool], start: int, multiple: int
                                                                                           int]:
   """(largest batch that fits, smallest that failed), to within 1/32 of the former.
 
-  Doubles from `start` until a batch fails, then bisects; batches stay multiples of `multiple`
-  (the device count). Raises if `start` itself does not fit.
+  Doubles from `start` until a batch fails (or halves it until one fits), then bisects; batches
+  stay multiples of `multiple` (the device count). Raises if `multiple` itself does not fit.
   """
-  if not fits(start):
-    raise ValueError(f"batch {start} does not fit")
-  good, bad = start, 2 * start
-  while fits(bad):
-    good, bad = bad, 2 * bad
+  if fits(start):
+    good, bad = start, 2 * start
+    while fits(bad):
+      good, bad = bad, 2 * bad
+  else:
+    bad, good = start, max(multiple, start // 2 // multiple * multiple)
+    while not fits(good):
+      if good == multiple:
+        raise ValueError(f"batch {multiple} does not fit")
+      bad, good = good, max(multiple, good // 2 // multiple * multiple)
   while bad - good > max(multiple, good // 32):
     middle = (good + bad) // 2 // multiple * multiple
     good, bad = (middle, bad) if fits(middle) else (good, middle)
@@ -323,7 +328,7 @@ def measure_max_batch(config: ml_collections.ConfigDict,
   row = {"what": "max_batch", "images_per_sec": None, "model": config.model.name,
          "resolution": run_config.data.resolution}
   if "bytes_limit" in stats:
-    # From the config's own batch (validated to fit the devices): every try is a compile.
+    # From the config's own batch, a multiple of the device count: every try is a compile.
     good, bad = largest_fitting_batch(functools.partial(_fits, run_config),
                                       start=run_config.batch_size, multiple=jax.device_count())
     yield {**row, "max_batch": good, "first_failed_batch": bad,
