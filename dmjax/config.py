@@ -100,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.depth_l1 = 0.1
   # Relative depth errors, which δ1 and AbsRel count (its effect: README, "What command 1 gives").
   c.loss.depth_log_l1 = 1.0
+  # The same after fitting each image's scale and shift, as δ1 aligned does (README, "What
+  # command 1 gives").
+  c.loss.depth_aligned_log_l1 = 1.0
   c.loss.depth_ssim = 1.0
   c.loss.depth_edge = 1.0
   c.loss.depth_bce_dice = 0.0  # The original's BCE + Dice on depth (seed 002).
@@ -224,7 +227,8 @@ def upgrade_saved(saved: dict) -> ml_collections.ConfigDict:
   (now "original" and `data.original_layout`, same contents, so the built dataset is the same),
   and `data.on_device` chose between augmenting in the step and on the host (the step always
   does now; a run that augmented on the host restores its model, not its data stream). Loss
-  terms added later (`loss.depth_log_l1`) are 0 in a run saved before them.
+  terms added later (`loss.depth_log_l1`, `loss.depth_aligned_log_l1`) are 0 in a run saved
+  before them.
   """
   config = copy.deepcopy(dict(saved))
   data = config.get("data", {})
@@ -234,7 +238,8 @@ def upgrade_saved(saved: dict) -> ml_collections.ConfigDict:
     data["source"] = "original"
   data.pop("on_device", None)
   # Loss terms added since: a run saved before one existed trained without it.
-  config.setdefault("loss", {}).setdefault("depth_log_l1", 0.0)
+  for term in ("depth_log_l1", "depth_aligned_log_l1"):
+    config.setdefault("loss", {}).setdefault(term, 0.0)
   return ml_collections.ConfigDict(config)
 
 
@@ -359,8 +364,8 @@ def stage_config(resolution: int, arg: str | None) -> ml_collections.ConfigDict:
     c.model.name = name
     c.model.dtype = "float32"  # As the originals trained.
     c.data.augment.enabled = False  # None of the originals augmented.
-    c.loss.depth_log_l1 = 0.0  # Ours: none of the originals had it,
-    c.loss.dice_per_image = False  # and their Dice ran over the whole batch.
+    c.loss.depth_log_l1 = c.loss.depth_aligned_log_l1 = 0.0  # Ours: none of the originals had
+    c.loss.dice_per_image = False  # them, and their Dice ran over the whole batch.
     ORIGINAL_RECIPES[name](c, resolution)
   elif args.recipe != "default":
     raise errors.UserError(f"config argument recipe={args.recipe!r}: expected default or "

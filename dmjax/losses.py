@@ -19,6 +19,12 @@ Depth, always on the prediction sigmoid(logits), never the raw logits (the seed'
   depth_log_l1    mean |log ŷ - log y|, both clipped below at DEPTH_VALID_MIN: relative errors, as
                   δ thresholds and AbsRel count them, so near pixels (where a centimetre is a large
                   error) weigh more than far ones; log ŷ is log_sigmoid(logits).
+  depth_aligned_log_l1  the same after each image's prediction is replaced by s·ŷ + t, the
+                  least-squares fit to the truth over pixels of true depth at least
+                  DEPTH_VALID_MIN (as the `_aligned` metrics fit it), mean over those pixels:
+                  the errors that δ1 aligned counts, which no choice of scale and shift removes.
+                  (s, t) are fitted without gradient: through the fit, a nearly constant early
+                  prediction divides by a variance near 0.
   depth_edge      mean(|∂y ŷ - ∂y y| + |∂x ŷ - ∂x y|) with forward differences in the
                   `tf.image.image_gradients` convention DenseDepth used: the difference is zero in
                   the last row (∂y) and last column (∂x), and the mean runs over all H·W pixels.
@@ -73,9 +79,9 @@ _SSIM_K1 = 0.01
 _SSIM_K2 = 0.03
 
 # Every term's weight is the `loss.*` config key of the same name.
-TERM_NAMES = ("mask_bce", "mask_dice", "depth_l1", "depth_log_l1", "depth_ssim", "depth_edge",
-              "depth_bce_dice", "mask_iou", "depth_bce", "depth_sobel_edge", "depth_hu",
-              "side_bce")
+TERM_NAMES = ("mask_bce", "mask_dice", "depth_l1", "depth_log_l1", "depth_aligned_log_l1",
+              "depth_ssim", "depth_edge", "depth_bce_dice", "mask_iou", "depth_bce",
+              "depth_sobel_edge", "depth_hu", "side_bce")
 # Outputs of a model with deep supervision (u2netp_dual): (B, H, W, number of side outputs).
 SIDE_OUTPUTS = ("mask_sides", "depth_sides")
 _IOU_SMOOTH = 1e-6  # Seed 004's.
@@ -157,6 +163,17 @@ def log_l1_loss(logits: jnp.ndarray, target: jnp.ndarray, weight: jnp.ndarray) -
   log_target = jnp.log(jnp.maximum(target, schema.DEPTH_VALID_MIN))
   return reductions.weighted_mean(reductions.per_image_mean(jnp.abs(log_pred - log_target)),
                                   weight)
+
+
+def aligned_log_l1_loss(pred: jnp.ndarray, target: jnp.ndarray,
+                        weight: jnp.ndarray) -> jnp.ndarray:
+  valid = target >= schema.DEPTH_VALID_MIN
+  scale, shift = jax.lax.stop_gradient(reductions.fit_scale_and_shift(pred, target, valid))
+  aligned = jnp.maximum(scale * pred + shift, schema.DEPTH_VALID_MIN)
+  per_pixel = jnp.where(valid, jnp.abs(jnp.log(aligned) - jnp.log(jnp.where(valid, target, 1.0))),
+                        0.0)
+  count = jnp.maximum(reductions.per_image_sum(valid.astype(jnp.float32)), 1.0)
+  return reductions.weighted_mean(reductions.per_image_sum(per_pixel) / count, weight)
 
 
 def iou_loss(probs: jnp.ndarray, labels: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
@@ -253,6 +270,7 @@ def compute_losses(outputs: Mapping[str, jnp.ndarray], batch: Mapping[str, Any],
       "mask_dice": lambda: dice_loss(mask_probs(), mask_labels, weight, per_image_dice),
       "depth_l1": lambda: l1_loss(depth_pred(), depth_labels, weight),
       "depth_log_l1": lambda: log_l1_loss(depth_logits, depth_labels, weight),
+      "depth_aligned_log_l1": lambda: aligned_log_l1_loss(depth_pred(), depth_labels, weight),
       "depth_ssim": lambda: ssim_loss(
           depth_pred(), depth_labels, weight, int(loss_config["ssim_window"]),
           str(loss_config.get("ssim_form", "reference"))),

@@ -46,7 +46,8 @@ def test_the_original_recipe_is_the_originals():
   assert (config.batch_size, config.num_train_steps) == (512, 1640)
   assert config.optimizer.step_every == 546
   # Its losses: our additions off.
-  assert (config.loss.depth_log_l1, config.loss.dice_per_image) == (0.0, False)
+  assert (config.loss.depth_log_l1, config.loss.depth_aligned_log_l1,
+          config.loss.dice_per_image) == (0.0, 0.0, False)
 
 
 def test_derived_keys_follow_an_overridden_length():
@@ -147,7 +148,8 @@ def test_each_models_own_recipe():
   assert two.model.teacher_forcing_steps == two.num_train_steps // 4
   assert two.data.augment.enabled and not unet.data.augment.enabled
   weights = lambda c: {k for k in ("mask_bce", "mask_dice", "mask_iou", "depth_l1", "depth_ssim",
-                                   "depth_log_l1", "depth_edge", "depth_sobel_edge",
+                                   "depth_log_l1", "depth_aligned_log_l1", "depth_edge",
+                                   "depth_sobel_edge",
                                    "depth_bce_dice",
                                    "depth_bce", "depth_hu", "side_bce") if c.loss[k] > 0}
   assert weights(unet) == {"mask_bce", "mask_iou", "depth_l1", "depth_ssim", "depth_sobel_edge"}
@@ -268,6 +270,14 @@ def test_saved_configs_of_before_the_rename_read_in_todays_keys():
   # Today's configs pass through unchanged.
   today = json.loads(config_lib.base_config().to_json())
   assert config_lib.upgrade_saved(today).to_dict() == today
+
+
+def test_loss_terms_missing_from_a_saved_config_were_off():
+  saved = json.loads(config_lib.base_config().to_json())
+  for term in ("depth_log_l1", "depth_aligned_log_l1"):
+    assert saved["loss"].pop(term) > 0  # On by default today.
+  config = config_lib.upgrade_saved(saved)
+  assert (config.loss.depth_log_l1, config.loss.depth_aligned_log_l1) == (0.0, 0.0)
 
 
 def test_a_renamed_saved_config_names_the_same_built_dataset(tmp_path):

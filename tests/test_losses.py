@@ -12,7 +12,7 @@ from dmjax import config as config_lib
 from dmjax import losses
 
 ALL_TERMS = ("mask_bce", "mask_dice", "depth_l1", "depth_ssim", "depth_edge", "depth_bce_dice",
-             "depth_log_l1")
+             "depth_log_l1", "depth_aligned_log_l1")
 
 
 def loss_config(**overrides) -> ml_collections.ConfigDict:
@@ -95,6 +95,16 @@ def np_edge_loss(pred, target):
   return np.mean(per_image)
 
 
+def np_aligned_log_l1(pred, truth):
+  per_image = []
+  for p, t in zip(pred[..., 0], truth[..., 0], strict=True):
+    valid = t >= 0.01
+    scale, shift = np.polyfit(p[valid], t[valid], 1)
+    aligned = np.maximum(scale * p[valid] + shift, 0.01)
+    per_image.append(np.mean(np.abs(np.log(aligned) - np.log(t[valid]))))
+  return np.mean(per_image)
+
+
 def np_terms(outputs, batch, per_image_dice=False, window=11):
   mask_p = np_sigmoid(outputs["mask"])
   depth_p = np_sigmoid(outputs["depth"])
@@ -113,6 +123,7 @@ def np_terms(outputs, batch, per_image_dice=False, window=11):
       "depth_l1": np.mean(np.abs(depth_p - depth)),
       "depth_log_l1": np.mean(np.abs(np.log(np.maximum(depth_p, 0.01))
                                      - np.log(np.maximum(depth, 0.01)))),
+      "depth_aligned_log_l1": np_aligned_log_l1(depth_p, depth),
       "depth_ssim": ssim_loss_from_maps(maps),
       "depth_edge": np_edge_loss(depth_p, depth),
       "depth_bce_dice": (np_bce(outputs["depth"], depth)
@@ -127,7 +138,7 @@ def jitted_losses(cfg):
 @pytest.mark.parametrize("per_image_dice,window", [(False, 11), (True, 3)])
 def test_terms_match_numpy(per_image_dice, window):
   outputs, batch = random_inputs()
-  weights = dict(zip(ALL_TERMS, (0.5, 2.0, 0.1, 1.0, 3.0, 0.25, 0.7), strict=True))
+  weights = dict(zip(ALL_TERMS, (0.5, 2.0, 0.1, 1.0, 3.0, 0.25, 0.7, 1.5), strict=True))
   cfg = loss_config(dice_per_image=per_image_dice, ssim_window=window, **weights)
   total, terms = jitted_losses(cfg)(outputs, batch)
   expected = np_terms(outputs, batch, per_image_dice, window)
@@ -213,7 +224,8 @@ def test_kornia2020_ssim_through_compute_losses_has_finite_gradients():
 
 def test_zero_weight_terms_are_skipped():
   outputs, batch = random_inputs(batch_size=2, size=16)
-  cfg = loss_config(depth_ssim=0.0, depth_bce_dice=0.0, mask_dice=0.0, depth_log_l1=0.0)
+  cfg = loss_config(depth_ssim=0.0, depth_bce_dice=0.0, mask_dice=0.0, depth_log_l1=0.0,
+                    depth_aligned_log_l1=0.0)
   total, terms = jitted_losses(cfg)(outputs, batch)
   assert set(terms) == {"mask_bce", "depth_l1", "depth_edge"}
   np.testing.assert_allclose(total, terms["mask_bce"] + terms["depth_l1"] + terms["depth_edge"],
@@ -256,6 +268,27 @@ def test_example_weight(per_image_dice):
   _, all_padding = fn(outputs, dict(batch, example_weight=np.zeros(3, np.float32)))
   for name in ("mask_bce", "depth_l1", "depth_ssim", "depth_edge"):
     assert float(all_padding[name]) == 0.0
+
+
+def test_aligned_log_l1_ignores_scale_and_shift_and_fits_without_gradient():
+  _, batch = random_inputs(batch_size=2, size=16)
+  truth = jnp.asarray(batch["depth"])
+  term = jax.jit(losses.aligned_log_l1_loss)
+  assert float(term(0.3 + 0.5 * truth, truth, jnp.ones(2))) < 1e-5
+  assert float(term(0.3 + 0.5 * truth ** 2, truth, jnp.ones(2))) > 0.05
+  # The fit is held fixed: the gradient is that of |log(s·ŷ + t) - log y| for the fitted (s, t).
+  pred = jnp.asarray(np_sigmoid(random_inputs(seed=3, batch_size=2, size=16)[0]["depth"]),
+                     jnp.float32)
+  grad = np.asarray(jax.grad(term)(pred, truth, jnp.ones(2)), np.float64)
+  for k in range(2):
+    p, t = np.float64(pred[k, ..., 0]), np.float64(truth[k, ..., 0])
+    valid = t >= 0.01
+    scale, shift = np.polyfit(p[valid], t[valid], 1)
+    aligned = scale * p + shift
+    expected = np.where(valid & (aligned > 0.01),
+                        np.sign(np.log(np.maximum(aligned, 0.01)) - np.log(np.where(valid, t, 1)))
+                        * scale / aligned / valid.sum() / 2, 0.0)
+    np.testing.assert_allclose(grad[k, ..., 0], expected, rtol=1e-4, atol=1e-7)
 
 
 def test_gradients_finite_on_degenerate_inputs():

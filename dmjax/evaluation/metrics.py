@@ -75,13 +75,11 @@ from clu import metrics as clu_metrics
 from flax import struct
 
 from dmjax.data.schema import DEPTH_VALID_MIN
-from dmjax.reductions import per_image_sum, weighted_sum
+from dmjax.reductions import align_scale_and_shift, per_image_sum, weighted_sum
 
 MASK_THRESHOLD = 0.5
 DELTA_BASE = 1.25
 CHECKERBOARD_EPS = 1e-10
-# An image's prediction is treated as constant (no scale to fit) below this variance per pixel.
-ALIGNMENT_MIN_VARIANCE = 1e-12
 
 
 @struct.dataclass
@@ -195,23 +193,6 @@ def _mask_sums(mask_prob, mask_true, weight):
       "mask_mae": (weighted_sum(per_image_sum(jnp.abs(mask_prob - mask_true)), weight),
                    num_images * num_pixels),
   }
-
-
-def align_scale_and_shift(depth_pred, depth_true, valid):
-  """Per image, the least-squares s·pred + t fitted to the truth over `valid` pixels."""
-  valid = valid.astype(jnp.float32)
-  count = per_image_sum(valid)
-  safe_count = jnp.maximum(count, 1.0)
-  pred_mean = per_image_sum(valid * depth_pred) / safe_count
-  true_mean = per_image_sum(valid * depth_true) / safe_count
-  pred_centred = depth_pred - pred_mean[:, None, None, None]
-  true_centred = depth_true - true_mean[:, None, None, None]
-  pred_variance = per_image_sum(valid * pred_centred**2)
-  covariance = per_image_sum(valid * pred_centred * true_centred)
-  degenerate = pred_variance <= ALIGNMENT_MIN_VARIANCE * count
-  scale = jnp.where(degenerate, 0.0, covariance / jnp.where(degenerate, 1.0, pred_variance))
-  shift = true_mean - scale * pred_mean
-  return scale[:, None, None, None] * depth_pred + shift[:, None, None, None]
 
 
 def _depth_sums(depth_pred, depth_true, valid, weight, suffix):
