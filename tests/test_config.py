@@ -149,9 +149,8 @@ def test_each_models_own_recipe():
   assert two.data.augment.enabled and not unet.data.augment.enabled
   weights = lambda c: {k for k in ("mask_bce", "mask_dice", "mask_iou", "depth_l1", "depth_ssim",
                                    "depth_log_l1", "depth_aligned_log_l1", "depth_edge",
-                                   "depth_sobel_edge",
-                                   "depth_bce_dice",
-                                   "depth_bce", "depth_hu", "side_bce") if c.loss[k] > 0}
+                                   "depth_sobel_edge", "depth_bce_dice", "depth_bce", "depth_hu",
+                                   "side_bce") if c.loss[k] > 0}
   assert weights(unet) == {"mask_bce", "mask_iou", "depth_l1", "depth_ssim", "depth_sobel_edge"}
   assert weights(u2net) == {"mask_bce", "depth_bce", "side_bce"}
   assert weights(two) == {"mask_bce", "mask_dice", "depth_hu"}

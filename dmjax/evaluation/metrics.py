@@ -41,7 +41,8 @@ seed labels and our predictions are affinely normalised depth, not disparity). T
 the 2×2 normal equations is used in centred form: s = cov(d, d*) / var(d), t = mean(d*) - s·mean(d).
 An image whose prediction is (nearly) constant over its valid pixels (Σ (d - mean d)² ≤ 1e-12 · N,
 including images with fewer than two valid pixels) has no unique fit; it gets s = 0, t = mean(d*),
-which is the fitted value of every least-squares solution in the exactly constant case. The aligned
+which is the fitted value of every least-squares solution in the exactly constant case (the fit is
+`dmjax.reductions.fit_scale_and_shift`, which the `depth_aligned_log_l1` loss shares). The aligned
 prediction is clipped for the ratio and log metrics exactly like the raw one.
 
 checkerboard: how much period-2 grid energy the predicted depth has, relative to the truth. An
