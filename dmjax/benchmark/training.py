@@ -297,16 +297,18 @@ def largest_fitting_batch(fits: Callable[[int], bool], start: int, multiple: int
   Doubles from `start` until a batch fails (or halves it until one fits), then bisects; batches
   stay multiples of `multiple` (the device count). Raises if `multiple` itself does not fit.
   """
-  if fits(start):
-    good, bad = start, 2 * start
+  good = start
+  if fits(good):
+    bad = 2 * good
     while fits(bad):
       good, bad = bad, 2 * bad
   else:
-    bad, good = start, max(multiple, start // 2 // multiple * multiple)
-    while not fits(good):
+    while True:
       if good == multiple:
         raise ValueError(f"batch {multiple} does not fit")
       bad, good = good, max(multiple, good // 2 // multiple * multiple)
+      if fits(good):
+        break
   while bad - good > max(multiple, good // 32):
     middle = (good + bad) // 2 // multiple * multiple
     good, bad = (middle, bad) if fits(middle) else (good, middle)
