@@ -61,6 +61,7 @@ def define_flags(f: flags.FlagValues, argv: list[str]) -> None:
                       flag_values=f)
   flags.DEFINE_enum("fit", "auto", inference.FITS, "With --resolution: how photos meet the model "
                     "(see dmjax.predict).", flag_values=f)
+  flags.DEFINE_bool("clean_mask", True, inference.CLEAN_MASK_HELP, flag_values=f)
 
 
 def evaluate_at_resolutions(f: flags.FlagValues) -> None:
@@ -69,7 +70,8 @@ def evaluate_at_resolutions(f: flags.FlagValues) -> None:
   except ValueError:
     raise errors.UserError(f"--resolution={f.resolution!r}: expected sizes like 192,512") from None
   num_examples = 64 if f.num_examples < 0 else f.num_examples
-  predictor = inference.Predictor.from_workdir(f.workdir, step=f.step, fit=f.fit, batch_size=1)
+  predictor = inference.Predictor.from_workdir(f.workdir, step=f.step, fit=f.fit, batch_size=1,
+                                               clean_mask=f.clean_mask)
   with progress.Progress(f"evaluate at {f.resolution} px", total=len(sizes) * num_examples,
                          unit="scenes") as bar:
     results = resolutions_lib.evaluate_at_resolutions(
@@ -77,11 +79,14 @@ def evaluate_at_resolutions(f: flags.FlagValues) -> None:
         scene_seed=int(predictor.config.data.synthetic.seed),
         progress=lambda size, done, total: bar.update(sizes.index(size) * total + done))
   sizes_name = "-".join(map(str, sizes))  # Runs at other sizes keep their own files.
+  policy = f.fit if f.clean_mask or f.fit != "auto" else "auto_uncleaned"
   output = f.output or os.path.join(
-      f.workdir, f"eval_resolutions_{sizes_name}_{f.fit}_{predictor.step}.json")
+      f.workdir, f"eval_resolutions_{sizes_name}_{policy}_{predictor.step}.json")
   files.write_json(output, {"workdir": os.path.abspath(f.workdir), "step": predictor.step,
-                            "fit": f.fit, "metrics": {str(r): m for r, m in results.items()}})
-  print(f"{f.workdir} step {predictor.step}, fit={f.fit}, {num_examples} held-out "
+                            "fit": f.fit, "clean_mask": f.clean_mask,
+                            "metrics": {str(r): m for r, m in results.items()}})
+  print(f"{f.workdir} step {predictor.step}, fit={f.fit}"
+        f"{'' if f.clean_mask else ' --noclean_mask'}, {num_examples} held-out "
         "synthetic scenes at each size:")
   print(resolutions_lib.format_resolution_table(results))
   print(f"Wrote {output}")

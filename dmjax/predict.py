@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from absl import flags
 
 from dmjax import cli, errors, progress
-from dmjax.inference import FIT_HELP, FITS, Predictor, photos, video
+from dmjax.inference import CLEAN_MASK_HELP, FIT_HELP, FITS, Predictor, photos, video
 
 
 def define_flags(f: flags.FlagValues, argv: list[str]) -> None:
@@ -54,6 +54,7 @@ def define_flags(f: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_bool("overlay", False, "Also write NAME_overlay.png.", flag_values=f)
   flags.DEFINE_bool("overwrite", False, "Replace existing outputs.", flag_values=f)
   flags.DEFINE_enum("fit", "auto", FITS, FIT_HELP, flag_values=f)
+  flags.DEFINE_bool("clean_mask", True, CLEAN_MASK_HELP, flag_values=f)
   flags.DEFINE_integer("batch_size", 8, "Pairs per model call.", lower_bound=1, flag_values=f)
   flags.DEFINE_string("video", None, "A video shot against the --bg plate (any format FFmpeg "
                       "reads).", flag_values=f)
@@ -73,10 +74,12 @@ def _raise(message: str) -> None:
 
 def load_predictor(f: flags.FlagValues) -> Predictor:
   if f.exported is None:
-    return Predictor.from_workdir(f.workdir, step=f.step, fit=f.fit, batch_size=f.batch_size)
+    return Predictor.from_workdir(f.workdir, step=f.step, fit=f.fit, batch_size=f.batch_size,
+                                  clean_mask=f.clean_mask)
   if f.step is not None:
     raise errors.UserError("--step is for --workdir; an exported file holds one checkpoint")
-  return Predictor.from_exported(f.exported, fit=f.fit, batch_size=f.batch_size)
+  return Predictor.from_exported(f.exported, fit=f.fit, batch_size=f.batch_size,
+                                 clean_mask=f.clean_mask)
 
 
 def predict_files(f: flags.FlagValues) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from absl import flags, logging
 
 from dmjax import cli
-from dmjax.inference import FIT_HELP, FITS, Predictor
+from dmjax.inference import CLEAN_MASK_HELP, FIT_HELP, FITS, Predictor
 
 try:
   from dmjax.inference import server
@@ -35,6 +35,7 @@ def define_flags(f: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_integer("port", 8000, "Port to listen on.", lower_bound=0, upper_bound=65535,
                        flag_values=f)
   flags.DEFINE_enum("fit", "auto", FITS, FIT_HELP, flag_values=f)
+  flags.DEFINE_bool("clean_mask", True, CLEAN_MASK_HELP, flag_values=f)
   flags.DEFINE_integer("batch_size", 8, "Most pairs per model call.", lower_bound=1,
                        flag_values=f)
   flags.DEFINE_float("max_upload_mb", server.DEFAULT_MAX_UPLOAD_BYTES / 2**20,
@@ -53,7 +54,8 @@ def define_flags(f: flags.FlagValues, argv: list[str]) -> None:
 def serve(f: flags.FlagValues) -> None:
   # Checked before the model loads: a taken port should not cost a minute of loading first.
   sock = server.loopback_socket(f.host, f.port)
-  predictor = Predictor.from_workdir(f.workdir, step=f.step, fit=f.fit, batch_size=f.batch_size)
+  predictor = Predictor.from_workdir(f.workdir, step=f.step, fit=f.fit, batch_size=f.batch_size,
+                                     clean_mask=f.clean_mask)
   app = server.create_app(predictor, max_upload_bytes=int(f.max_upload_mb * 2**20),
                           max_pixels=int(f.max_megapixels * 1e6), max_queue=f.max_queue,
                           batch_wait_s=f.batch_wait_ms / 1000)

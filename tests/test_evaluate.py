@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -148,9 +149,21 @@ def test_workdir_without_checkpoints_is_refused(tmp_path):
     evaluate.main([f"--workdir={tmp_path}"])
 
 
-def test_resolutions_score_scenes_rendered_at_each_size(trained, tmp_path, capsys):
+def _mask_iou_on_test_scenes(predictor, size, num_examples):
   from dmjax.data import synthetic
 
+  overlap = union = 0
+  for index in range(num_examples):
+    scene = synthetic.render_example("test", index, resolution=size)
+    mask, _ = predictor(scene["bg"], scene["fg_bg"])
+    assert mask.shape == (size, size)  # Scored at the scene's own size.
+    truth, predicted = scene["mask"][..., 0] >= 128, mask > 0.5
+    overlap += (truth & predicted).sum()
+    union += (truth | predicted).sum()
+  return overlap / union
+
+
+def test_resolutions_score_scenes_rendered_at_each_size(trained, tmp_path, capsys):
   _, workdir, _ = trained
   output = tmp_path / "sizes.json"
   evaluate.main([f"--workdir={workdir}", "--resolution=32,48", "--num_examples=2",
@@ -159,16 +172,22 @@ def test_resolutions_score_scenes_rendered_at_each_size(trained, tmp_path, capsy
   saved = json.loads(output.read_text())["metrics"]
   predictor = inference.Predictor.from_workdir(workdir)
   for size in (32, 48):
-    overlap = union = 0
-    for index in range(2):
-      scene = synthetic.render_example("test", index, resolution=size)
-      mask, _ = predictor(scene["bg"], scene["fg_bg"])
-      assert mask.shape == (size, size)  # Scored at the scene's own size.
-      truth, predicted = scene["mask"][..., 0] >= 128, mask > 0.5
-      overlap += (truth & predicted).sum()
-      union += (truth | predicted).sum()
-    assert saved[str(size)]["mask_iou"] == pytest.approx(overlap / union, abs=1e-6)
+    assert saved[str(size)]["mask_iou"] == pytest.approx(
+        _mask_iou_on_test_scenes(predictor, size, 2), abs=1e-6)
     assert 0 <= saved[str(size)]["mask_boundary_f"] <= 1
+
+
+def test_resolutions_without_mask_cleanup_keep_a_file_of_their_own(trained, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained[1], workdir)  # The shared run stays as it was.
+  evaluate.main([f"--workdir={workdir}", "--resolution=32", "--num_examples=2",
+                 "--noclean_mask"])
+  raw = inference.Predictor.from_workdir(workdir, clean_mask=False)
+  with open(os.path.join(workdir, f"eval_resolutions_32_auto_uncleaned_{raw.step}.json")) as f:
+    saved = json.load(f)
+  assert saved["clean_mask"] is False
+  assert saved["metrics"]["32"]["mask_iou"] == pytest.approx(
+      _mask_iou_on_test_scenes(raw, 32, 2), abs=1e-6)
 
 
 def test_bad_resolutions_are_one_line_errors(trained):

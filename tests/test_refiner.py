@@ -50,12 +50,13 @@ def _disc_pair(height: int, width: int,
   return bg.astype(np.uint8), fg_bg.astype(np.uint8), inside
 
 
-def _difference_predictor(fit="auto", base_resolution=32) -> inference.Predictor:
+def _difference_predictor(fit="auto", base_resolution=32, clean_mask=True) -> inference.Predictor:
   model = refiner.Refined(base=DifferenceNet(), features=4)
   size = 2 * base_resolution
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
                          jnp.zeros((1, size, size, 3)))
-  return inference.Predictor(model=model, variables=variables, resolution=size, fit=fit)
+  return inference.Predictor(model=model, variables=variables, resolution=size, fit=fit,
+                             clean_mask=clean_mask)
 
 
 def _iou(a, b):
@@ -141,6 +142,20 @@ def test_same_scene_at_two_sizes_gives_the_same_mask():
   large_at_small = predictor_lib._resize_map(large, (160, 96))
   assert _iou(small > 0.5, large_at_small > 0.5) >= 0.9
   assert _iou(small > 0.5, small_truth) >= 0.9  # And both are right, not both empty.
+
+
+def test_auto_fit_fills_the_masks_holes_and_drops_its_specks_unless_told_not_to():
+  bg, fg_bg, truth = _disc_pair(256, 256)
+  # A patch of the object that looks like the background and a difference that is not the
+  # object, each 3–5 % of its area.
+  hole, speck = (slice(128, 152), slice(90, 114)), (slice(16, 36), slice(210, 230))
+  fg_bg[hole] = bg[hole]
+  fg_bg[speck] = (30, 220, 200)
+  raw, _ = _difference_predictor(clean_mask=False)(bg, fg_bg)
+  assert (raw[136:144, 98:106] < 0.5).all() and (raw[speck] > 0.5).any()
+  cleaned, _ = _difference_predictor()(bg, fg_bg)
+  assert (cleaned[hole] > 0.5).all() and (cleaned[speck] < 0.5).all()
+  assert _iou(cleaned > 0.5, truth) > _iou(raw > 0.5, truth)
 
 
 def test_depth_comes_from_the_whole_photo_pass():

@@ -140,7 +140,8 @@ def test_health_names_the_model_and_limits(served, predictor):
   url, _ = served
   health = requests.get(f"{url}/health", timeout=30).json()
   assert health["status"] == "ok"
-  assert (health["model"], health["step"], health["fit"]) == ("depthmasknet_v2", 0, "auto")
+  assert (health["model"], health["step"], health["fit"], health["clean_mask"]) == (
+      "depthmasknet_v2", 0, "auto", True)
   assert health["device"] == progress.describe_devices(jax.devices())
   assert health["limits"]["max_pixels"] == MAX_PIXELS
   assert health["limits"]["max_upload_bytes"] == MAX_UPLOAD_BYTES

@@ -4,10 +4,10 @@ import importlib
 
 # Imported on first use, so that `dmjax.inference.exported` (a model file run with jax alone)
 # loads where Flax, which `predictor` imports, is not installed.
-_LAZY = {"FITS": "predictor", "FIT_HELP": "predictor", "Prediction": "predictor",
-         "Predictor": "predictor", "read_image": "photos"}
+_LAZY = {"CLEAN_MASK_HELP": "predictor", "FITS": "predictor", "FIT_HELP": "predictor",
+         "Prediction": "predictor", "Predictor": "predictor", "read_image": "photos"}
 
-__all__ = ["FIT_HELP", "FITS", "Prediction", "Predictor", "read_image"]
+__all__ = ["CLEAN_MASK_HELP", "FIT_HELP", "FITS", "Prediction", "Predictor", "read_image"]
 
 
 def __getattr__(name: str):

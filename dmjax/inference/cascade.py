@@ -9,6 +9,8 @@ Two passes, each at a working size where objects look as they did in training:
    but never enlarged: the mask, pasted back where the window lies. It runs only where it sees
    the object at a finer scale than pass 1 did (not for photos of about the training size).
 
+Then `mask_cleanup.clean_mask` fills the mask's small holes and drops its stray pieces.
+
 Each pass is the trained model's own forward pass, on the photos resized so that its base
 network works at the pass's size (a refined model, dmjax.models.refiner, takes twice that: its
 base at half, then one refiner step), the logits resized to the photo's (or window's) size.
@@ -44,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from dmjax.inference import mask_cleanup
 from dmjax.models import layers, refiner
 from dmjax.models.refiner import resize
 
@@ -138,12 +141,14 @@ class Cascade:
   Called on float32 NHWC photos of one size (what `forward` takes, at any size), a `Cascade`
   returns the mask probability and depth in [0, 1] at that size. The object pass gives
   `forward` one size for every window but small ones, so it compiles once for it whatever the
-  photos (the resizes, cheap to compile, once per window size).
+  photos (the resizes, cheap to compile, once per window size). `clean_mask=False` returns the
+  mask as the passes left it.
   """
 
   def __init__(self, forward: Callable[[Array, Array], tuple[Array, Array]], resolution: int,
-               *, input_factor: int = 1):
+               *, input_factor: int = 1, clean_mask: bool = True):
     self.forward = forward
+    self.clean_mask = clean_mask
     self.base_resolution = resolution // input_factor
     # The base's working size in each pass (the object pass's for windows at least as large).
     self.frame_base = round(FRAME_ZOOM * self.base_resolution)
@@ -153,12 +158,13 @@ class Cascade:
     self._resize = jax.jit(resize, static_argnums=(1, 2))
 
   @classmethod
-  def of_model(cls, model: nn.Module, variables, resolution: int) -> Cascade:
+  def of_model(cls, model: nn.Module, variables, resolution: int, *,
+               clean_mask: bool = True) -> Cascade:
     """For a model and its variables, on normalised photos (`schema.normalize_photo`)."""
     logits = jax.jit(lambda v, bg, fg_bg: _float32_logits(model.apply(v, bg, fg_bg,
                                                                       train=False)))
     return cls(functools.partial(logits, variables), resolution,
-               input_factor=refiner.input_factor(model))
+               input_factor=refiner.input_factor(model), clean_mask=clean_mask)
 
   def input_size(self, height: int, width: int, base_long_side: int) -> tuple[int, int]:
     """What the model is given for an image of this size whose base works at `base_long_side`."""
@@ -200,7 +206,10 @@ class Cascade:
 
   def __call__(self, bg, fg_bg) -> tuple[np.ndarray, np.ndarray]:
     mask, depth = self.logits(np.asarray(bg, np.float32), np.asarray(fg_bg, np.float32))
-    return np.asarray(jax.nn.sigmoid(mask)), np.asarray(jax.nn.sigmoid(depth))
+    mask = np.asarray(jax.nn.sigmoid(mask))
+    if self.clean_mask:
+      mask = np.stack([mask_cleanup.clean_mask(m[..., 0])[..., None] for m in mask])
+    return mask, np.asarray(jax.nn.sigmoid(depth))
 
 
 def _float32_logits(outputs: dict[str, Array]) -> tuple[Array, Array]:

@@ -26,6 +26,8 @@ from dmjax.models import layers, refiner
 FITS = ("auto", "resize", "pad")
 FIT_HELP = ("auto: at the photo's own size, whole photo then object window; resize: squeezed to "
             "the run's resolution; pad: the model at the photo's size.")
+CLEAN_MASK_HELP = ("With fit=auto: fill the mask's small holes and drop its stray pieces "
+                   "(dmjax.inference.mask_cleanup); --noclean_mask: the mask as the model gave it.")
 
 
 class Prediction(NamedTuple):
@@ -76,7 +78,9 @@ class Predictor:
     auto    (default) at the photo's own size: the model on the whole photo and then on a window
             around the object, each at a working size where objects look as in training, with
             a refined model's refiner step (`dmjax.inference.cascade`); sharp edges at any
-            size, at a cost that hardly grows with the photo.
+            size, at a cost that hardly grows with the photo. The mask's small holes are filled
+            and its stray pieces dropped (`dmjax.inference.mask_cleanup`) unless `clean_mask`
+            is False.
     resize  squeezed to the run's square training resolution, outputs resized back.
     pad     the whole model at the photo's own size, padded to the size multiple it needs.
 
@@ -92,6 +96,7 @@ class Predictor:
   fit: str = "auto"
   batch_size: int = 8
   config: Any = None  # The run's config, when it came from a workdir.
+  clean_mask: bool = True  # fit="auto" only.
   exported: exported_lib.ExportedModel | None = None  # Instead of model and variables.
 
   def __post_init__(self):
@@ -108,25 +113,27 @@ class Predictor:
         return
       factor = refiner.REFINE_FACTOR if self.exported.metadata["refiner"] else 1
       self._cascade = cascade_lib.Cascade(functools.partial(_exported_logits, self.exported),
-                                          self.resolution, input_factor=factor)
+                                          self.resolution, input_factor=factor,
+                                          clean_mask=self.clean_mask)
       return
     self.variables = jax.device_put(self.variables)
     self._forward = jax.jit(functools.partial(models.predict_probabilities, self.model))
     self._multiple = size_multiple(self.model)
-    self._cascade = cascade_lib.Cascade.of_model(self.model, self.variables, self.resolution)
+    self._cascade = cascade_lib.Cascade.of_model(self.model, self.variables, self.resolution,
+                                                 clean_mask=self.clean_mask)
 
   @classmethod
   def from_workdir(cls, workdir: str, *, step: int | None = None, fit: str = "auto",
-                   batch_size: int = 8) -> Predictor:
+                   batch_size: int = 8, clean_mask: bool = True) -> Predictor:
     """The latest (or `step`) checkpoint of a training run, with the model its config names."""
     config, variables, step = checkpoints.restore_model(workdir, step)
     return cls(model=models.create_model(config.model), variables=variables,
                resolution=int(config.data.resolution), step=step, fit=fit,
-               batch_size=batch_size, config=config)
+               batch_size=batch_size, config=config, clean_mask=clean_mask)
 
   @classmethod
   def from_exported(cls, path: str, *, fit: str = "auto", batch_size: int = 8,
-                    expect_model: str | None = None) -> Predictor:
+                    expect_model: str | None = None, clean_mask: bool = True) -> Predictor:
     """A `dmjax.export` file (refused if exported from another model than `expect_model`).
 
     `fit="auto"` and `pad` need a file with symbolic sizes; at a fixed size, `auto` means
@@ -144,7 +151,7 @@ class Predictor:
                   else int(exported.metadata["resolution_policy"]["training_resolution"]))
     return cls(model=None, variables=None, resolution=resolution,
                step=exported.metadata["checkpoint_step"] or 0, fit=fit, batch_size=batch_size,
-               exported=exported)
+               exported=exported, clean_mask=clean_mask)
 
   def __call__(self, bg: np.ndarray, fg_bg: np.ndarray) -> Prediction:
     """Mask probability and depth for one pair (H, W[, C]) or a batch (B, H, W, C)."""

@@ -358,7 +358,7 @@ def model_description(predictor: Predictor) -> dict:
   refined = bool(config.model.get("refiner", False)) if config is not None else False
   return {"model": name + (" + refiner" if refined else ""), "step": int(predictor.step),
           "resolution": int(predictor.resolution), "fit": predictor.fit,
-          "batch_size": int(predictor.batch_size),
+          "clean_mask": bool(predictor.clean_mask), "batch_size": int(predictor.batch_size),
           "device": progress.describe_devices(jax.devices())}
 
 
