@@ -16,7 +16,8 @@ PNGs in CLIP_mask/ and CLIP_depth/ (`dmjax.inference.video`; needs the `video` e
 Any size and any format PIL reads (grayscale, RGBA and 16-bit images become RGB; EXIF rotation
 is applied). `--fit=auto` (default) predicts at the photo's own size: the model on the whole
 photo, then on a window around the object, each at the scale it was trained on
-(`dmjax.inference.cascade`); `--fit=resize` squeezes each pair to the run's square resolution
+(`dmjax.inference.cascade`), then fills the mask's small holes and drops its stray pieces
+(`--noclean_mask` does not); `--fit=resize` squeezes each pair to the run's square resolution
 and the outputs back; `--fit=pad` runs the fully convolutional model at the image's own size.
 Existing outputs are never replaced without `--overwrite`.
 Bad input (an unreadable file, sizes that differ, a missing partner, an existing output) is
