@@ -30,6 +30,9 @@ KEYS = IMAGE_KEYS + LABEL_KEYS
 DEPTH_MAX_CODE = 65535
 SYNTHETIC_MAX_DEPTH_M = 10.0
 DEPTH_VALID_MIN = 0.01
+# A mask probability (or alpha in [0, 1]) above this is the object: for the metrics, and for the
+# mask clean-up that must agree with them.
+MASK_THRESHOLD = 0.5
 
 # Channel statistics of the seed dataset (SPEC §4), RGB in [0, 1]. Every source is normalised
 # with them, so a model trained on one transfers to the other without re-normalising.

@@ -75,10 +75,9 @@ import numpy as np
 from clu import metrics as clu_metrics
 from flax import struct
 
-from dmjax.data.schema import DEPTH_VALID_MIN
+from dmjax.data.schema import DEPTH_VALID_MIN, MASK_THRESHOLD
 from dmjax.reductions import align_scale_and_shift, per_image_sum, weighted_sum
 
-MASK_THRESHOLD = 0.5
 DELTA_BASE = 1.25
 CHECKERBOARD_EPS = 1e-10
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from dmjax.data.schema import MASK_THRESHOLD
+
 MAX_HOLE = 0.1  # Holes up to this fraction of the object's area are filled.
 MIN_PART = 0.1  # Pieces under this fraction of the largest piece are dropped.
-THRESHOLD = 0.5  # Object where the probability is above it (the metrics' threshold).
 # Pieces of the object are 8-connected, so holes (and the outside) are 4-connected: a hole does
 # not leak out through a diagonal gap that the object closes.
 _PIECES = np.ones((3, 3), bool)
@@ -28,12 +29,13 @@ def clean_mask(probability: np.ndarray, *, max_hole: float = MAX_HOLE,
                min_part: float = MIN_PART) -> np.ndarray:
   """(H, W) mask probability with holes filled and small pieces dropped, as described above.
 
-  Only pixels that change sides of `THRESHOLD` change, each to its mirror image about it (0.3 in
-  a filled hole becomes 0.7), so the soft mask keeps its confidence and agrees with the cleaned
-  thresholded one. A hole is a part of the background that does not reach the photo's edge.
+  Only pixels that change sides of `MASK_THRESHOLD` (the metrics' threshold) change, each to its
+  mirror image about it (0.3 in a filled hole becomes 0.7), so the soft mask keeps its
+  confidence and agrees with the cleaned thresholded one. A hole is a part of the background that
+  does not reach the photo's edge.
   """
   probability = np.asarray(probability, np.float32)
-  mask = probability > THRESHOLD
+  mask = probability > MASK_THRESHOLD
   area = int(mask.sum())
   if not area:
     return probability
@@ -45,7 +47,7 @@ def clean_mask(probability: np.ndarray, *, max_hole: float = MAX_HOLE,
     cleaned = keep[pieces]
   flipped = 1.0 - probability
   # A pixel exactly at the threshold mirrors onto it; the next float above makes it object.
-  added = np.maximum(flipped, np.nextafter(np.float32(THRESHOLD), np.float32(1)))
+  added = np.maximum(flipped, np.nextafter(np.float32(MASK_THRESHOLD), np.float32(1)))
   return np.where(cleaned & ~mask, added, np.where(mask & ~cleaned, flipped, probability))
 
 
