@@ -1,6 +1,9 @@
 """Every metric against an independent float64 numpy computation written here."""
 
-import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -12,6 +15,8 @@ DEPTH_KEYS = ("depth_mae", "depth_rmse", "depth_abs_rel", "depth_sq_rel", "depth
               "depth_log10", "depth_delta1", "depth_delta2", "depth_delta3")
 ALL_KEYS = {"mask_dice", "mask_iou", "mask_dice_per_image", "mask_iou_per_image", "mask_mae",
             "checkerboard", *DEPTH_KEYS, *(k + "_aligned" for k in DEPTH_KEYS)}
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _jitted_compute_metrics = jax.jit(metrics.compute_metrics)
 
@@ -244,16 +249,47 @@ def test_checkerboard():
   assert striped_score > 100, striped_score
 
 
-def test_shard_map_style_reduction():
-  mask_prob, depth_pred, batch = random_batch(7, batch_size=4)
-  batch["example_weight"] = np.array([1, 1, 1, 0], np.float32)
+# Runs with 4 forced CPU devices (a fresh process: the device count is fixed when JAX starts):
+# the batch sharded over them, each shard's statistics summed over the axis with `psum`, and each
+# shard's own copy of the result returned, stacked along the axis.
+_SHARD_MAP_SCRIPT = """
+import json, sys
+import jax, numpy as np
+from jax.sharding import PartitionSpec as P
+from dmjax.evaluation import metrics
+
+arrays = dict(np.load(sys.argv[1]))
+mask_prob, depth_pred = arrays.pop("mask_prob"), arrays.pop("depth_pred")
+mesh = jax.make_mesh((jax.device_count(),), ("shards",),
+                     axis_types=(jax.sharding.AxisType.Auto,))
+
+def per_shard(mask_prob, depth_pred, batch):
+  collection = metrics.compute_metrics(mask_prob, depth_pred, batch, axis_name="shards")
+  return jax.tree.map(lambda x: x[None], collection)  # This shard's copy, one row per shard.
+
+inputs = jax.device_put((mask_prob, depth_pred, arrays),
+                        jax.sharding.NamedSharding(mesh, P("shards")))
+assert len(inputs[0].sharding.device_set) == jax.device_count()
+stacked = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=P("shards"),
+                                out_specs=P("shards")))(*inputs)
+rows = [{k: float(v) for k, v in jax.tree.map(lambda x: x[i], stacked).compute().items()}
+        for i in range(jax.device_count())]
+print(json.dumps({"devices": jax.device_count(), "shards": rows}))
+"""
+
+
+def test_shard_map_reduction_gives_every_shard_the_whole_batch_metrics(tmp_path):
+  mask_prob, depth_pred, batch = random_batch(7, batch_size=8)
+  # Padding in two shards, one of them all padding: their sums must still add up.
+  batch["example_weight"] = np.array([1, 1, 1, 0, 1, 1, 0, 0], np.float32)
   whole = computed(compute_metrics(mask_prob, depth_pred, batch))
-
-  def split(x):
-    return x.reshape((2, -1) + x.shape[1:])
-
-  per_shard = jax.vmap(functools.partial(metrics.compute_metrics, axis_name="shards"),
-                       axis_name="shards")(split(mask_prob), split(depth_pred),
-                                           {k: split(v) for k, v in batch.items()})
-  first_shard = jax.tree.map(lambda x: x[0], per_shard)
-  assert_metrics_close(computed(first_shard), whole)
+  np.savez(tmp_path / "batch.npz", mask_prob=mask_prob, depth_pred=depth_pred, **batch)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  result = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT, str(tmp_path / "batch.npz")],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  shards = json.loads(result.stdout.splitlines()[-1])
+  assert shards["devices"] == 4 and len(shards["shards"]) == 4
+  for index, row in enumerate(shards["shards"]):
+    assert row.keys() == whole.keys(), index
+    assert_metrics_close(row, whole)

@@ -322,3 +322,35 @@ def test_states_saved_before_the_host_path_was_removed(tiny_data_config):
   with pytest.raises(ValueError, match=r"^the saved data iterator state is of the host "
                      r"augmentation path.*--config.init_from"):
     restored.set_state(json.dumps(host_state).encode())
+
+
+class CountingBatches:
+  """A host iterator that counts the batches taken from it; its state is that count."""
+
+  def __init__(self):
+    self.taken = 0
+
+  def __next__(self):
+    self.taken += 1
+    return {"x": np.full((2, 3), self.taken, np.float32)}
+
+  def get_state(self):
+    return self.taken
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_device_prefetcher_keeps_size_batches_on_the_devices(size):
+  import jax
+
+  from dmjax import parallel
+
+  host = CountingBatches()
+  prefetcher = parallel.DevicePrefetcher(host, parallel.batch_sharding(parallel.create_mesh()),
+                                         size=size)
+  assert host.taken == 0 and prefetcher.get_state() == 0  # Nothing taken before it is asked.
+  for handed_out in range(1, 6):
+    batch = next(prefetcher)
+    assert isinstance(batch["x"], jax.Array) and float(batch["x"][0, 0]) == handed_out
+    # The batch just handed out and the ones waiting behind it: `size` on the devices.
+    assert host.taken - handed_out + 1 == size
+    assert prefetcher.get_state() == handed_out  # Resumes after the last batch handed out.
