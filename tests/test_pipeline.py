@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,6 +172,27 @@ def test_unbuilt_dataset_says_to_prepare(tiny_data_config, tmp_path):
   config = copy_of(tiny_data_config, **{"data.tfds_dir": str(tmp_path)})
   with pytest.raises(ValueError, match="prepare"):
     pipeline.create_train_iterator(config)
+
+
+def test_a_built_dataset_whose_lock_cannot_be_opened_is_read(tiny_data_config, tmp_path):
+  # A copy of the built data in a folder this process cannot write. Tests run as root, for whom
+  # chmod does not stop writes, so the lock file is made unopenable instead: a directory in its
+  # place fails `open(path, "a")` as a read-only disk does.
+  shutil.copytree(tiny_data_config.data.tfds_dir, tmp_path / "tfds")
+  config = copy_of(tiny_data_config, **{"data.tfds_dir": str(tmp_path / "tfds"),
+                                        "data.predecoded": True})
+  pipeline.predecode(config, "train")  # Both ways of reading are there, as after a run.
+  source = sources.get_source(config)
+  lock = os.path.join(source.builder.data_dir_root, f".{source.name.replace('/', '-')}.lock")
+  if os.path.exists(lock):
+    os.remove(lock)
+  os.mkdir(lock)
+  for predecoded in (True, False):
+    config.data.predecoded = predecoded
+    pipeline.prepare(config)
+    assert next(pipeline.create_train_iterator(config))["fg_bg"].shape[0] == config.batch_size
+  assert next(pipeline.create_eval_batches(config, "test"))["fg_bg"].shape[0] == 4
+  assert os.path.isdir(lock)
 
 
 _READ_WITHOUT_TF = HIDE_TENSORFLOW + """

@@ -54,18 +54,22 @@ def prepare(config: ml_collections.ConfigDict) -> None:
   locks, every process builds alone (TFDS and `predecode` rename complete work into place).
   """
   source = sources.get_source(config)
-  with _build_lock(source):
-    if source.builder.is_prepared():
-      # Perhaps built by another process after this one made its builder, which then describes
-      # no splits: a new builder reads what is there.
-      sources.get_source(config, reload=True)
-    else:
-      logging.info("Building %s in %s.", source.name, source.builder.data_dir)
-      # The builders report progress with an ETA (dmjax.progress); TFDS's own bars know no total
-      # and would fight them for the terminal's line.
-      tfds.display_progress_bar(False)
-      source.builder.download_and_prepare(file_format="array_record",
-                                          download_config=source.download_config)
+  built_here = False
+  # Built already: nothing to lock (the data may be on a read-only disk, or built elsewhere).
+  if not source.builder.is_prepared():
+    with _build_lock(source):
+      if not source.builder.is_prepared():  # Nor by another process while this one waited.
+        logging.info("Building %s in %s.", source.name, source.builder.data_dir)
+        # The builders report progress with an ETA (dmjax.progress); TFDS's own bars know no
+        # total and would fight them for the terminal's line.
+        tfds.display_progress_bar(False)
+        source.builder.download_and_prepare(file_format="array_record",
+                                            download_config=source.download_config)
+        built_here = True
+  if not built_here:
+    # Perhaps built by another process after this one made its builder, which then describes
+    # no splits: a new builder reads what is there.
+    sources.get_source(config, reload=True)
   if config.data.predecoded:
     predecode(config, "train")
 
@@ -74,11 +78,19 @@ def prepare(config: ml_collections.ConfigDict) -> None:
 def _build_lock(source: sources.Source):
   """Holds the exclusive lock on building `source`, for every process of every run that uses
   the same data folder; yields whether it got it. An flock: the kernel releases it when its
-  holder dies, even by kill -9."""
+  holder dies, even by kill -9. Ask for it only when there is something to build: a lock file
+  that cannot be made (a read-only folder) is then no error of its own, and building says what
+  is wrong."""
   root = os.fspath(source.builder.data_dir_root)
-  os.makedirs(root, exist_ok=True)
   path = os.path.join(root, f".{source.name.replace('/', '-')}.lock")
-  with open(path, "a") as lock_file:
+  try:
+    os.makedirs(root, exist_ok=True)
+    lock_file = open(path, "a")  # noqa: SIM115  (closed below, after the yield)
+  except OSError as e:
+    logging.warning("Cannot open the lock %s (%s); building without a lock.", path, e)
+    yield False
+    return
+  with lock_file:
     locked = True
     try:
       fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -332,7 +344,11 @@ def _predecode(source: sources.Source, split: str, transfer_resolution: int, dir
   logging.info("Predecoding %d %s examples (%.1f GiB) to %s.", len(examples), split,
                size / 2**30, directory)
   partial = f"{directory}.partial-{os.getpid()}"
-  os.makedirs(partial, exist_ok=True)
+  try:
+    os.makedirs(partial, exist_ok=True)
+  except OSError as e:  # A read-only copy of the built data, say.
+    raise errors.UserError(f"cannot predecode {split} to {partial} ({e.strerror or e}); make "
+                           "the folder writable or set config.data.predecoded=False") from None
   try:
     _write_predecoded(examples, first, partial, split)
   except BaseException:
