@@ -186,6 +186,88 @@ def test_skip_bad_counts_and_lists_the_bad_examples(folder_root):
     assert not set(kept) & set(broken)
 
 
+def tiff(array):
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format="TIFF")
+  return buffer.getvalue()
+
+
+# Depth maps no 16-bit code holds: 32-bit integers past 65535 or below 0 (which a cast would
+# wrap), and floats (which a conversion to 8 bits would truncate).
+BAD_DEPTH = {
+    "int32 over 16 bits": (np.full((SIZE, SIZE), 70_000, np.int32), r"depth values 70000\.\.70000"),
+    "negative int32": (np.full((SIZE, SIZE), -3, np.int32), r"depth values -3\.\.-3"),
+    "float": (np.full((SIZE, SIZE), 0.5, np.float32), "floating-point depth"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(BAD_DEPTH))
+def test_depth_values_that_do_not_fit_16_bits_are_refused(what, folder_root):
+  array, message = BAD_DEPTH[what]
+  name = composite_name(1, 2, 1, "densedepth")
+  with open(os.path.join(folder_root, "depth", name), "wb") as f:
+    f.write(tiff(array))
+  with original_layout.OriginalLayout(folder_root, layout_config()) as layout:
+    composite = next(c for c in layout.composites if c.depth.name == name)
+    with pytest.raises(ValueError, match=f"{name}: {message}") as raised:
+      layout.load(composite)
+  assert "\n" not in str(raised.value)
+  # In range, a 32-bit integer image is read as the codes it holds.
+  codes = np.tile(np.linspace(0, 65535, SIZE).astype(np.int32), (SIZE, 1))
+  with open(os.path.join(folder_root, "depth", name), "wb") as f:
+    f.write(tiff(codes))
+  with original_layout.OriginalLayout(folder_root, layout_config()) as layout:
+    composite = next(c for c in layout.composites if c.depth.name == name)
+    np.testing.assert_array_equal(layout.load(composite)["depth"][..., 0], codes)
+
+
+def rewrite_zip_member(path, member, data, compression=zipfile.ZIP_DEFLATED):
+  """`path` again with `member`'s bytes replaced."""
+  with zipfile.ZipFile(path) as archive:
+    contents = {name: archive.read(name) for name in archive.namelist()}
+  contents[member] = data
+  with zipfile.ZipFile(path, "w", compression) as archive:
+    for name, value in contents.items():
+      archive.writestr(name, value)
+
+
+def test_zip_members_are_read_within_a_size_limit(tmp_path):
+  root = write_zips(tmp_path / "seed", layout_files())
+  name = composite_name(2, 2, 0)
+  # A zip bomb: 4 MiB of zeros in a few kB, honestly declared; refused from its header.
+  rewrite_zip_member(os.path.join(root, "bg_fg.zip"), name, bytes(4 << 20))
+  assert os.path.getsize(os.path.join(root, "bg_fg.zip")) < 64 << 10
+  with original_layout.OriginalLayout(root, layout_config(), max_file_bytes=1 << 20) as layout:
+    with pytest.raises(ValueError, match=rf"bg_fg\.zip:{name}: 4,194,304 bytes, over the limit "
+                       r"of 1,048,576 for one file.*skip_bad"):
+      list(layout.encoded_examples(layout.composites))
+  with original_layout.OriginalLayout(root, layout_config(skip_bad=True),
+                                      max_file_bytes=1 << 20) as layout:
+    kept = [c.key for c, _ in layout.encoded_examples(layout.composites)]
+    assert len(kept) == NUM_COMPOSITES - 1 and name not in kept
+
+
+def test_a_zip_member_that_lies_about_its_size_is_a_bad_example(tmp_path):
+  root = write_zips(tmp_path / "seed", layout_files())
+  name = composite_name(1, 1, 1, "mask")
+  labels = os.path.join(root, "labels.zip")
+  rewrite_zip_member(labels, f"export/mask/{name}", bytes(100_000))
+  # Its headers (local and central) say 1,000 bytes: no more is read, and the CRC then fails.
+  with zipfile.ZipFile(labels) as archive:
+    info = archive.getinfo(f"export/mask/{name}")
+  data = bytearray(open(labels, "rb").read())
+  for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+    start = -1
+    while (start := data.find(signature, start + 1)) >= 0:
+      if int.from_bytes(data[start + offset:start + offset + 4], "little") == info.file_size:
+        data[start + offset:start + offset + 4] = (1000).to_bytes(4, "little")
+  open(labels, "wb").write(bytes(data))
+  with original_layout.OriginalLayout(root, layout_config(skip_bad=True)) as layout:
+    kept = [c.key for c, _ in layout.encoded_examples(layout.composites)]
+  assert len(kept) == NUM_COMPOSITES - 1 and composite_name(1, 1, 1) not in kept
+  assert "Bad CRC-32" in layout.skipped[0][1] and name in layout.skipped[0][1]
+
+
 def test_image_split_is_reproducible_and_disjoint(folder_root):
   with original_layout.OriginalLayout(folder_root, layout_config()) as layout:
     composites = layout.composites

@@ -12,9 +12,10 @@ Each folder may be unpacked under the root, or sit inside any zip in the root (e
 holding `bg/…` or the files themselves, or one zip holding all four); the root may itself be a
 zip. Files are read from the zips in place, never unpacked.
 
-Problems (a missing partner, a bg number out of range, an unreadable image, sizes that differ)
-raise a one-line ValueError naming the file; with `skip_bad` they skip the example instead and
-are counted and listed in `OriginalLayout.skipped` and the log.
+Problems (a missing partner, a bg number out of range, an unreadable image, sizes that differ,
+a file over `MAX_FILE_BYTES`, depth values outside 16 bits) raise a one-line ValueError naming
+the file; with `skip_bad` they skip the example instead and are counted and listed in
+`OriginalLayout.skipped` and the log.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import io
 import os
 import re
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 
 import ml_collections
@@ -39,6 +41,13 @@ FOLDER_KEYS = ("bg_dir", "fg_bg_dir", "mask_dir", "depth_dir")
 SPLIT_KINDS = ("image", "background")
 _PATTERN_GROUPS = ("bg", "fg", "i")
 _SKIP_HINT = "set config.data.original_layout.skip_bad=True to skip bad examples"
+# Bytes read of one file, or one zip member whatever its header declares (a zip bomb expands a
+# few kB into gigabytes): 16-bit PNG depth at 8k x 8k is 128 MiB, the original's files ~20 kB.
+MAX_FILE_BYTES = 256 << 20
+# What reading a zip member can raise besides OSError: a damaged archive or deflate stream,
+# a member cut short, an encrypted one or a compression zipfile does not know.
+_ZIP_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError,
+               NotImplementedError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +89,11 @@ class OriginalLayout:
   applied.
   """
 
-  def __init__(self, root: str, layout: ml_collections.ConfigDict):
+  def __init__(self, root: str, layout: ml_collections.ConfigDict, *,
+               max_file_bytes: int = MAX_FILE_BYTES):
     self.root = root
     self.layout = layout
+    self.max_file_bytes = max_file_bytes
     self.skip_bad = bool(layout.skip_bad)
     self.skipped: list[tuple[str, str]] = []  # (file, what is wrong) of every skipped example.
     self._zips: dict[str, zipfile.ZipFile] = {}
@@ -157,12 +168,30 @@ class OriginalLayout:
     self.skipped.extend(problems)
 
   def read_bytes(self, ref: FileRef) -> bytes:
-    if not ref.member:
-      with open(ref.container, "rb") as f:
-        return f.read()
-    if ref.container not in self._zips:
-      self._zips[ref.container] = zipfile.ZipFile(ref.container)
-    return self._zips[ref.container].read(ref.member)
+    """The file's bytes. One larger than `max_file_bytes`, by its size or its zip header, is
+    refused before it is read, and no more than that is read whatever the header says; that
+    and any failure to read are a BadExampleError naming the file."""
+    limit, data = self.max_file_bytes, b""
+    try:
+      if ref.member:
+        if ref.container not in self._zips:
+          self._zips[ref.container] = zipfile.ZipFile(ref.container)
+        archive = self._zips[ref.container]
+        size = archive.getinfo(ref.member).file_size
+        if size <= limit:
+          with archive.open(ref.member) as member:
+            data = member.read(limit + 1)
+      else:
+        with open(ref.container, "rb") as file:
+          size = os.fstat(file.fileno()).st_size
+          if size <= limit:
+            data = file.read(limit + 1)
+    except _ZIP_ERRORS as exc:
+      raise BadExampleError(f"{ref}: unreadable ({_one_line(exc)})") from exc
+    if size > limit or len(data) > limit:
+      raise BadExampleError(f"{ref}: {max(size, len(data)):,} bytes, over the limit of "
+                            f"{limit:,} for one file")
+    return data
 
   def _decode(self, ref: FileRef, data: bytes | None = None) -> Image.Image:
     try:
@@ -199,10 +228,10 @@ class OriginalLayout:
     fg_bg_image = self._decode(composite.fg_bg, fg_bg_bytes)
     mask_bytes = self.read_bytes(composite.mask)
     mask_image = self._decode(composite.mask, mask_bytes)
-    depth_image = self._decode(composite.depth)
+    depth_image = self._decode(composite.depth, self.read_bytes(composite.depth))
     fg_bg = _rgb(fg_bg_image)
     mask = np.asarray(_gray(mask_image))[..., None]
-    depth = _depth_code(depth_image)
+    depth = _depth_code(depth_image, composite.depth)
 
     height, width = fg_bg.shape[:2]
     for ref, array in ((composite.bg, bg), (composite.mask, mask), (composite.depth, depth)):
@@ -348,10 +377,20 @@ def _gray(image: Image.Image) -> Image.Image:
   return image if image.mode == "L" else image.convert("L")
 
 
-def _depth_code(image: Image.Image) -> np.ndarray:
-  """The original's 0..255 grayscale depth (0 = nearest) as the uint16 code of d = v / 255."""
-  if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # Already 16-bit codes (e.g. a PNG).
-    return np.asarray(image).astype(np.uint16)[..., None]
+def _depth_code(image: Image.Image, ref: FileRef) -> np.ndarray:
+  """The original's 0..255 grayscale depth (0 = nearest) as the uint16 code of d = v / 255;
+  16-bit images (PNG) are taken as codes already. Values no code holds are refused, not
+  wrapped or truncated."""
+  if image.mode == "F":  # 32-bit float (TIFF): no scale says what the values mean.
+    raise BadExampleError(f"{ref}: floating-point depth (mode F) is not read; store 8-bit "
+                          "(0..255) or 16-bit (0..65535) grayscale")
+  if image.mode.startswith("I"):  # 16-bit codes, or 32-bit integers ("I") that must fit them.
+    values = np.asarray(image)
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if low < 0 or high > schema.DEPTH_MAX_CODE:
+      raise BadExampleError(f"{ref}: depth values {low}..{high} do not fit 16 bits "
+                            f"(0..{schema.DEPTH_MAX_CODE})")
+    return values.astype(np.uint16)[..., None]
   values = np.asarray(_gray(image), dtype=np.uint16)
   # 65535 / 255 = 257 exactly, so round(v / 255 * DEPTH_MAX_CODE) is an integer product.
   return (values * (schema.DEPTH_MAX_CODE // 255))[..., None]
