@@ -337,3 +337,49 @@ def test_symbolic_shape_is_what_jax_export_says(refined_file):
   model = exported.load(refined_file)
   shape = model.exported.in_avals[0].shape
   assert all(jax_export.is_symbolic_dim(d) for d in shape[:3]) and shape[3] == 3
+
+
+def test_the_file_names_its_run_but_holds_no_path_of_the_exporter(refined_run, refined_file):
+  with open(refined_file, "rb") as f:
+    f.readline()
+    header = f.readline().decode()
+  metadata = json.loads(header)
+  assert metadata["run"] == os.path.basename(refined_run)
+  # Neither the workdir's path nor any folder above it (user names, mount points) is in it.
+  for folder in (os.path.abspath(refined_run), os.path.dirname(os.path.abspath(refined_run))):
+    assert folder not in header
+  assert "workdir" not in metadata
+
+
+def with_metadata(path, tmp_path, name, **changes) -> str:
+  """A copy of an exported file with metadata values replaced (the payload intact)."""
+  with open(path, "rb") as f:
+    magic, header, payload = f.readline(), json.loads(f.readline()), f.read()
+  for key, value in changes.items():
+    parent = header
+    *parents, last = key.split(".")
+    for part in parents:
+      parent = parent[part]
+    parent[last] = value
+  target = tmp_path / name
+  target.write_bytes(magic + json.dumps(header).encode() + b"\n" + payload)
+  return str(target)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("resolution_policy", None, "metadata resolution_policy is null, not an object"),
+    ("resolution_policy.size_multiple", "16", "resolution_policy.size_multiple is a string, not "
+                                              "a whole number"),
+    ("resolution_policy.fixed_size", [64], "fixed_size is an array, not [height, width] or null"),
+    ("refiner", "yes", "metadata refiner is a string, not true or false"),
+    ("checkpoint_step", True, "checkpoint_step is a boolean, not a whole number or null"),
+    ("platforms", None, "metadata platforms is null, not an array of strings"),
+    ("model", 7, "metadata model is the number 7, not a string"),
+])
+def test_metadata_of_the_wrong_type_is_a_one_line_error(key, value, words, refined_file,
+                                                        tmp_path):
+  path = with_metadata(refined_file, tmp_path, "typed.jaxexport", **{key: value})
+  with pytest.raises(errors.UserError) as info:
+    Predictor.from_exported(path)
+  message = str(info.value)
+  assert message.startswith(f"{path}: ") and words in message and "\n" not in message, message

@@ -46,6 +46,16 @@ PLATFORMS = ("cpu", "cuda")
 METADATA_KEYS = ("model", "refiner", "checkpoint_step", "resolution_policy", "input_shape",
                  "inputs", "outputs", "normalization", "platforms", "dmjax_version",
                  "jax_version", "payload_size", "payload_sha256")
+# What `load` checks each value (and the resolution policy's) to be, in JSON's words; "count" is
+# an integer that is not a boolean, "size" [height, width] counts.
+METADATA_TYPES = {
+    "model": "string", "refiner": "boolean", "checkpoint_step": "count or null",
+    "resolution_policy": "object", "input_shape": "string", "inputs": "string",
+    "outputs": "string", "normalization": "object", "platforms": "array of strings",
+    "dmjax_version": "string", "jax_version": "string", "payload_size": "count",
+    "payload_sha256": "string", "run": "string or null", "model_config": "object or null"}
+RESOLUTION_POLICY_TYPES = {"training_resolution": "count", "size_multiple": "count",
+                           "fixed_size": "size or null"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,8 +209,10 @@ def export_run(workdir: str, step: int | None = None, *, platforms: Sequence[str
   return export_model(models.create_model(config.model), variables, model_name=config.model.name,
                       resolution=int(config.data.resolution), step=step, platforms=platforms,
                       symbolic=symbolic,
+                      # The run's name, not its path: a file that is shared must not carry
+                      # the exporter's folders (user names, mount points).
                       extra_metadata={"model_config": json.loads(config.model.to_json()),
-                                      "workdir": os.path.abspath(workdir)})
+                                      "run": os.path.basename(os.path.normpath(workdir))})
 
 
 def save(model: ExportedModel, path: str, *, overwrite: bool = False) -> None:
@@ -249,6 +261,7 @@ def read(path: str) -> tuple[dict[str, Any], bytes]:
   missing = [key for key in METADATA_KEYS if key not in metadata]
   if missing:
     raise errors.UserError(f"{path}: metadata lacks {', '.join(missing)}; the file is damaged")
+  check_metadata_types(metadata, path)
   if len(payload) != metadata["payload_size"]:
     raise errors.UserError(f"{path}: truncated or damaged: {len(payload)} bytes of model where "
                            f"the header says {metadata['payload_size']}")
@@ -256,6 +269,52 @@ def read(path: str) -> tuple[dict[str, Any], bytes]:
     raise errors.UserError(f"{path}: damaged: the model's bytes do not match their SHA-256 in "
                            "the header")
   return metadata, payload
+
+
+def _json_type(value: Any) -> str:
+  if value is None:
+    return "null"
+  if isinstance(value, bool):
+    return "a boolean"
+  if isinstance(value, (int, float)):
+    return f"the number {value}"
+  if isinstance(value, str):
+    return "a string"
+  return "an array" if isinstance(value, list) else "an object"
+
+
+def _is(value: Any, expected: str) -> bool:
+  is_count = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0  # noqa: E731
+  return any({
+      "string": lambda: isinstance(value, str),
+      "boolean": lambda: isinstance(value, bool),
+      "count": lambda: is_count(value),
+      "object": lambda: isinstance(value, dict),
+      "null": lambda: value is None,
+      "array of strings": lambda: (isinstance(value, list)
+                                   and all(isinstance(x, str) for x in value)),
+      "size": lambda: (isinstance(value, list) and len(value) == 2
+                       and all(is_count(x) and x > 0 for x in value)),
+  }[kind]() for kind in expected.split(" or "))
+
+
+def check_metadata_types(metadata: dict[str, Any], path: str) -> None:
+  """A one-line UserError naming the first value of `METADATA_TYPES` (or the resolution
+  policy's) of the wrong type: a `null` where an object belongs fails here, not later."""
+  checks = [(key, metadata[key], expected) for key, expected in METADATA_TYPES.items()
+            if key in metadata]
+  if isinstance(metadata.get("resolution_policy"), dict):
+    policy = metadata["resolution_policy"]
+    checks += [(f"resolution_policy.{key}", policy.get(key), expected)
+               for key, expected in RESOLUTION_POLICY_TYPES.items()]
+  words = {"string": "a string", "boolean": "true or false", "count": "a whole number",
+           "object": "an object", "null": "null", "array of strings": "an array of strings",
+           "size": "[height, width]"}
+  for key, value, expected in checks:
+    if not _is(value, expected):
+      wanted = " or ".join(words[kind] for kind in expected.split(" or "))
+      raise errors.UserError(f"{path}: metadata {key} is {_json_type(value)}, not {wanted}; the "
+                             "file is damaged or not from dmjax.export")
 
 
 def load(path: str, *, expect_model: str | None = None) -> ExportedModel:
