@@ -31,6 +31,8 @@ from typing import IO, TypeVar
 import jax
 from absl import logging
 
+from dmjax import allocator
+
 T = TypeVar("T")
 TTY_REFRESH_S = 0.1
 LOG_EVERY_S = 30.0
@@ -216,9 +218,14 @@ def device_banner(stream: IO | None = None) -> str:
   """
   devices = jax.devices()
   processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
-  text = f"JAX {jax.__version__} runs on {describe_devices(devices)}{processes}."
+  text = (f"JAX {jax.__version__} runs on {describe_devices(devices)}{processes}; allocator: "
+          f"{allocator.describe()}.")
   print(text, file=sys.stderr if stream is None else stream, flush=True)
   warning = gpu_warning(devices, nvidia_gpu_present(), os.environ.get("JAX_PLATFORMS"))
   if warning:
     logging.warning("%s", warning)
   return text
+
+
+if __name__ == "__main__":  # `python -m dmjax.progress`: the devices and allocator commands get.
+  device_banner()

@@ -20,7 +20,14 @@ _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+from dmjax import allocator  # noqa: E402
 from dmjax import config as config_lib  # noqa: E402
+
+# The tests run under the allocator the commands run under (dmjax.allocator): pytest-xdist's
+# workers, started after this file is read, and every process a test starts inherit it.
+_ALLOCATOR = allocator.choose(os.environ.get(allocator.ENV))
+if _ALLOCATOR and allocator.running() == "system" and "LD_PRELOAD" not in os.environ:
+  os.environ["LD_PRELOAD"] = _ALLOCATOR
 
 TINY_RESOLUTION = 32
 TINY_NUM_TRAIN = 24

@@ -6,7 +6,7 @@ import types
 import jax
 import pytest
 
-from dmjax import progress
+from dmjax import allocator, progress
 
 
 class Clock:
@@ -140,7 +140,8 @@ def test_device_banner_warns_when_the_gpu_is_unseen(monkeypatch):
   stream = io.StringIO()
   text = progress.device_banner(stream)
   devices = progress.describe_devices(jax.devices())
-  assert text == f"JAX {jax.__version__} runs on {devices}." == stream.getvalue().strip()
+  assert text == (f"JAX {jax.__version__} runs on {devices}; allocator: "
+                  f"{allocator.describe()}.") == stream.getvalue().strip()
   assert len(logged) == 1 and "JAX sees only the CPU" in logged[0]
   logged.clear()
   monkeypatch.setattr(progress, "nvidia_gpu_present", lambda: False)
