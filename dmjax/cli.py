@@ -10,6 +10,7 @@ notebook) without their `--workdir` flags clashing. absl's own logging flags (`-
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -19,6 +20,40 @@ from dmjax import errors, parallel, progress
 
 # The user's to fix, and reported on one line; anything else is a bug and keeps its traceback.
 USER_ERRORS = (errors.UserError, FileNotFoundError, errors.NonFiniteLossError)
+
+
+COMPILATION_CACHE_HELP = (
+    "Keep compiled XLA programs in JAX's persistent compilation cache, in the user's cache "
+    "folder ($XDG_CACHE_HOME or ~/.cache, then dmjax/jax; $JAX_COMPILATION_CACHE_DIR if set), so "
+    "that a second start compiles nothing it compiled before; --nocompilation_cache: off.")
+
+
+def define_compilation_cache_flag(f: flags.FlagValues) -> None:
+  flags.DEFINE_bool("compilation_cache", True, COMPILATION_CACHE_HELP, flag_values=f)
+
+
+def compilation_cache_dir() -> str:
+  """Where the commands keep compiled programs: $JAX_COMPILATION_CACHE_DIR, else the user's
+  cache folder."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "dmjax", "jax")
+
+
+def use_compilation_cache(enabled: bool = True) -> str | None:
+  """Turns JAX's persistent compilation cache on (`compilation_cache_dir`) or off, before the
+  first compilation; returns its folder, or None when off. Every program is kept, however fast
+  it compiled (JAX's default keeps only those over a second): a warm-up compiles dozens of
+  small ones, which together are what a restart would wait for
+  ($JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, if set, wins)."""
+  import jax  # noqa: PLC0415 (commands that never compile need not import it)
+
+  folder = compilation_cache_dir() if enabled else None
+  jax.config.update("jax_compilation_cache_dir", folder)
+  if enabled and "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  return folder
 
 
 def _start_logging(info_logs: bool) -> None:

@@ -7,8 +7,12 @@
   python -m dmjax.predict --exported=MODEL.jaxexport ...   (a `dmjax.export` file, no model code)
 
 In folders, composites pair with the background of the same name (extension aside), or all with
-the one `--bg`. For each composite NAME this writes NAME_mask.png, NAME_depth.png (16-bit, 0 =
-nearest), NAME_depth_color.png and, with --overlay, NAME_overlay.png, at the composite's own size
+the one `--bg`; two composites whose names differ only in letter case are refused (their outputs
+would collide on macOS and Windows). For each composite NAME this writes NAME_mask.png,
+NAME_depth.png (16-bit, 0 = nearest), NAME_depth_color.png and, with --overlay,
+NAME_overlay.png, with --cutout NAME_cutout.png (RGBA: the composite with the mask probability as
+alpha), with --replace_bg=PHOTO NAME_replace_bg.png (the object over PHOTO, which is scaled to
+cover the composite and its middle kept), all at the composite's own size
 (`dmjax.inference.photos`). A video shot against a background plate (`--bg`, the empty scene
 from the same camera) gives CLIP_mask.mp4 and CLIP_depth.mp4, and with --png_frames each frame's
 PNGs in CLIP_mask/ and CLIP_depth/ (`dmjax.inference.video`; needs the `video` extra).
@@ -19,9 +23,20 @@ photo, then on a window around the object, each at the scale it was trained on
 (`dmjax.inference.cascade`), then fills the mask's small holes and drops its stray pieces
 (`--noclean_mask` does not); `--fit=resize` squeezes each pair to the run's square resolution
 and the outputs back; `--fit=pad` runs the fully convolutional model at the image's own size.
-Existing outputs are never replaced without `--overwrite`.
+Existing outputs are never replaced without `--overwrite`. A folder run resumes by default
+(`--skip_existing`): a composite whose outputs all exist is skipped, one with some of them gets
+the missing ones, so a rerun after Ctrl-C does only what is left; `--noskip_existing` refuses
+existing outputs instead. One pair (`--fg_bg`) with existing outputs is refused.
 Bad input (an unreadable file, sizes that differ, a missing partner, an existing output) is
-reported on one line naming the file; in folders the rest still runs, and the exit status is 1.
+reported on one line naming the file; so is a pair the model fails on (a model call that fails
+is retried pair by pair). In folders the rest still runs, a summary line says how many were
+written, skipped and failed, and the exit status is 1 if any failed. Pairs are read and predicted
+a few at a time: at most --batch_size pairs and --max_batch_megapixels a model call. Refused:
+float photos outside [0, 1] (API), pairs of two sizes, files that are not PNG, JPEG, WebP, TIFF,
+BMP or GIF (HEIC with the `heif` extra).
+
+Compiled programs are kept in JAX's persistent compilation cache (`--nocompilation_cache`: not),
+so a second run compiles nothing the first compiled.
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ from absl import flags
 
 from dmjax import cli, errors, progress
 from dmjax.inference import CLEAN_MASK_HELP, FIT_HELP, FITS, Predictor, photos, video
+from dmjax.inference.predictor import DEFAULT_MAX_BATCH_PIXELS
 
 
 def define_flags(f: flags.FlagValues, argv: list[str]) -> None:
@@ -53,10 +69,23 @@ def define_flags(f: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_string("out", None, "Where the outputs go (created if needed).", flag_values=f,
                       required=True)
   flags.DEFINE_bool("overlay", False, "Also write NAME_overlay.png.", flag_values=f)
+  flags.DEFINE_bool("cutout", False, "Also write NAME_cutout.png: RGBA, the composite with the "
+                    "mask probability as alpha.", flag_values=f)
+  flags.DEFINE_string("replace_bg", None, "A photo: also write NAME_replace_bg.png, the object "
+                      "over it (scaled to cover the composite, its middle kept; soft mask).",
+                      flag_values=f)
   flags.DEFINE_bool("overwrite", False, "Replace existing outputs.", flag_values=f)
+  flags.DEFINE_bool("skip_existing", True, "Folders: skip a composite whose outputs exist and "
+                    "write only the missing ones of the others (resume); --noskip_existing: an "
+                    "existing output is an error.", flag_values=f)
   flags.DEFINE_enum("fit", "auto", FITS, FIT_HELP, flag_values=f)
   flags.DEFINE_bool("clean_mask", True, CLEAN_MASK_HELP, flag_values=f)
-  flags.DEFINE_integer("batch_size", 8, "Pairs per model call.", lower_bound=1, flag_values=f)
+  flags.DEFINE_integer("batch_size", 8, "Most pairs per model call.", lower_bound=1,
+                       flag_values=f)
+  flags.DEFINE_float("max_batch_megapixels", DEFAULT_MAX_BATCH_PIXELS / 1e6,
+                     "Most photo pixels per model call, in millions (a larger pair runs alone).",
+                     lower_bound=0.0, flag_values=f)
+  cli.define_compilation_cache_flag(f)
   flags.DEFINE_string("video", None, "A video shot against the --bg plate (any format FFmpeg "
                       "reads).", flag_values=f)
   flags.DEFINE_bool("png_frames", False, "With --video: also each frame's mask and depth PNGs.",
@@ -74,13 +103,14 @@ def _raise(message: str) -> None:
 
 
 def load_predictor(f: flags.FlagValues) -> Predictor:
+  cli.use_compilation_cache(f.compilation_cache)
+  limits = {"batch_size": f.batch_size, "max_batch_pixels": round(f.max_batch_megapixels * 1e6)}
   if f.exported is None:
-    return Predictor.from_workdir(f.workdir, step=f.step, fit=f.fit, batch_size=f.batch_size,
-                                  clean_mask=f.clean_mask)
+    return Predictor.from_workdir(f.workdir, step=f.step, fit=f.fit, clean_mask=f.clean_mask,
+                                  **limits)
   if f.step is not None:
     raise errors.UserError("--step is for --workdir; an exported file holds one checkpoint")
-  return Predictor.from_exported(f.exported, fit=f.fit, batch_size=f.batch_size,
-                                 clean_mask=f.clean_mask)
+  return Predictor.from_exported(f.exported, fit=f.fit, clean_mask=f.clean_mask, **limits)
 
 
 def predict_files(f: flags.FlagValues) -> None:
@@ -93,23 +123,33 @@ def predict_files(f: flags.FlagValues) -> None:
                                     fg_bg_dir=f.fg_bg_dir)
   for problem in problems:
     _report(problem)
-  if not folder_mode:  # One pair: check it before spending time on the model.
-    photos.load_job(jobs[0], photos.output_paths(f.out, jobs[0].name, f.overlay),
-                    overwrite=f.overwrite)
-  failures = len(problems)
+  kinds = photos.output_kinds(overlay=f.overlay, cutout=f.cutout,
+                              replace_bg=f.replace_bg is not None)
+  skip_existing = f.skip_existing and folder_mode
+  # Checked before the model loads: the new background, and one pair's files and outputs.
+  new_bg = photos.read_image(f.replace_bg) if f.replace_bg is not None else None
+  if not folder_mode:
+    photos.outputs_to_write(photos.output_paths(f.out, jobs[0].name, kinds),
+                            overwrite=f.overwrite)
+    photos.load_pair(jobs[0])
+  summary = photos.Summary(failed=len(problems))
   if jobs:
     predictor = load_predictor(f)
     os.makedirs(f.out, exist_ok=True)
     with (progress.Progress("predict", total=len(jobs), unit="composites") if folder_mode
           else contextlib.nullcontext()) as bar:
-      failures += photos.predict_jobs(
-          predictor, jobs, f.out, overwrite=f.overwrite, overlay=f.overlay,
-          report=_report if folder_mode else _raise,
+      done = photos.predict_jobs(
+          predictor, jobs, f.out, kinds=kinds, overwrite=f.overwrite,
+          skip_existing=skip_existing, new_bg=new_bg, report=_report if folder_mode else _raise,
           progress=(lambda done, total: bar.update(done)) if folder_mode else None)
-  if failures:
-    total = len(jobs) + len(problems)
-    raise SystemExit(f"error: {failures} of {total} composites failed (see above); the others "
-                     f"are in {f.out}")
+    summary.written, summary.skipped = done.written, done.skipped
+    summary.failed += done.failed
+  total = len(jobs) + len(problems)
+  if folder_mode:
+    print(summary.line(total), file=sys.stderr, flush=True)
+  if summary.failed:
+    raise SystemExit(f"error: {summary.failed} of {total} composites failed (see above); the "
+                     f"others are in {f.out}")
 
 
 def predict_video(f: flags.FlagValues) -> None:
@@ -118,6 +158,8 @@ def predict_video(f: flags.FlagValues) -> None:
                            "--fg_bg_dir")
   if f.bg is None:
     raise errors.UserError("--video needs --bg: a photo of the empty scene from the same camera")
+  if f.cutout or f.replace_bg is not None:
+    raise errors.UserError("--cutout and --replace_bg are for photos, not --video")
   name = os.path.splitext(os.path.basename(f.video))[0]
   paths = video.output_paths(f.out, name, f.png_frames)
   video.check_outputs(paths, f.overwrite)

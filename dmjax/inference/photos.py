@@ -8,6 +8,12 @@ For each composite NAME the outputs are, at the composite's own size:
                         unless the run was trained on the synthetic scenes (1 = 10 m)
   NAME_depth_color.png  depth colour-mapped, dark = near (dmjax.visualize.colorize)
   NAME_overlay.png      optional: bg | fg_bg | the mask over fg_bg | depth, side by side
+  NAME_cutout.png       optional: RGBA, the composite with the mask probability as alpha
+  NAME_replace_bg.png   optional: the object over another photo (`outputs.replace_background`:
+                        the new photo scaled to cover the composite, its middle kept)
+
+A folder run (`predict_jobs`) resumes: a composite whose outputs all exist is skipped, one with
+some of them gets the missing ones; existing files are never replaced without `overwrite`.
 """
 
 from __future__ import annotations
@@ -17,13 +23,16 @@ import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from absl import logging
 from PIL import Image, ImageOps
 
 from dmjax import errors, files, visualize
 from dmjax.data import schema
+from dmjax.inference import outputs
 from dmjax.inference.predictor import Prediction, Predictor, as_uint8_rgb, image_size
 
-OUTPUT_KINDS = ("mask", "depth", "depth_color")
+OUTPUT_KINDS = ("mask", "depth", "depth_color")  # Always written.
+OPTIONAL_KINDS = ("overlay", "cutout", "replace_bg")
 
 
 def to_rgb(image: Image.Image, what: str) -> np.ndarray:
@@ -101,18 +110,21 @@ def find_jobs(*, bg: str | None, fg_bg: str | None, bg_dir: str | None,
     return [Job(_stem(fg_bg), bg, fg_bg)], []
 
   composites = list_images(fg_bg_dir)
+  # Names that differ only in case collide too: on macOS and Windows, Cat_mask.png is
+  # cat_mask.png.
   by_name: dict[str, list[str]] = {}
   for path in composites:
-    by_name.setdefault(_stem(path), []).append(path)
+    by_name.setdefault(_stem(path).casefold(), []).append(path)
   backgrounds: dict[str, list[str]] = {}
   if bg_dir is not None:
     for path in list_images(bg_dir):
       backgrounds.setdefault(_stem(path), []).append(path)
 
   jobs, problems = [], []
-  for name, paths in by_name.items():
+  for paths in by_name.values():
+    name = _stem(paths[0])
     if len(paths) > 1:
-      problems += [f"{p}: another composite is also named {name!r} "
+      problems += [f"{p}: another composite has the same name, letter case aside "
                    f"({', '.join(os.path.basename(q) for q in paths if q != p)}); their outputs "
                    "would collide" for p in paths]
       continue
@@ -128,18 +140,32 @@ def find_jobs(*, bg: str | None, fg_bg: str | None, bg_dir: str | None,
   return jobs, problems
 
 
-def output_paths(out_dir: str, name: str, overlay: bool) -> dict[str, str]:
-  kinds = OUTPUT_KINDS + (("overlay",) if overlay else ())
+def output_kinds(*, overlay: bool = False, cutout: bool = False,
+                 replace_bg: bool = False) -> tuple[str, ...]:
+  """The kinds of output a run writes, in the order it writes them."""
+  chosen = {"overlay": overlay, "cutout": cutout, "replace_bg": replace_bg}
+  return OUTPUT_KINDS + tuple(kind for kind in OPTIONAL_KINDS if chosen[kind])
+
+
+def output_paths(out_dir: str, name: str, kinds: Sequence[str] = OUTPUT_KINDS) -> dict[str, str]:
   return {kind: os.path.join(out_dir, f"{name}_{kind}.png") for kind in kinds}
 
 
-def load_job(job: Job, paths: dict[str, str], *,
-             overwrite: bool) -> tuple[np.ndarray, np.ndarray]:
-  """Reads and checks one pair; refuses one whose outputs exist (unless `overwrite`)."""
-  if not overwrite:
-    for path in paths.values():
-      if os.path.exists(path):
-        raise errors.UserError(f"{path}: exists; pass --overwrite to replace it")
+def outputs_to_write(paths: dict[str, str], *, overwrite: bool,
+                     skip_existing: bool = False) -> dict[str, str]:
+  """Those of `paths` to write: all with `overwrite`; else the missing ones, where
+  `skip_existing`; else all, and an existing one is refused."""
+  if overwrite:
+    return dict(paths)
+  missing = {kind: path for kind, path in paths.items() if not os.path.exists(path)}
+  if not skip_existing and len(missing) < len(paths):
+    existing = next(path for kind, path in paths.items() if kind not in missing)
+    raise errors.UserError(f"{existing}: exists; pass --overwrite to replace it")
+  return missing
+
+
+def load_pair(job: Job) -> tuple[np.ndarray, np.ndarray]:
+  """Reads and checks one pair."""
   bg, fg_bg = read_image(job.bg), read_image(job.fg_bg)
   if bg.shape != fg_bg.shape:
     raise errors.UserError(f"{job.fg_bg}: is {image_size(fg_bg)} but its background {job.bg} is "
@@ -157,42 +183,112 @@ def overlay_picture(bg: np.ndarray, fg_bg: np.ndarray, prediction: Prediction,
 
 
 def write_outputs(paths: dict[str, str], bg: np.ndarray, fg_bg: np.ndarray,
-                  prediction: Prediction) -> None:
-  images = output_images(prediction)
-  if "overlay" in paths:
-    images["overlay"] = overlay_picture(bg, fg_bg, prediction)
+                  prediction: Prediction, new_bg: np.ndarray | None = None) -> None:
+  """Writes the outputs `paths` names (by kind), each atomically; `new_bg` is the photo the
+  `replace_bg` output puts the object on."""
+  makers = {
+      "overlay": lambda: overlay_picture(bg, fg_bg, prediction),
+      "cutout": lambda: outputs.cutout_rgba(fg_bg, prediction.mask),
+      "replace_bg": lambda: outputs.replace_background(fg_bg, prediction.mask, new_bg),
+  }
+  images = output_images(prediction, [kind for kind in paths if kind in OUTPUT_KINDS])
   for kind, path in paths.items():
-    files.write_png(path, images[kind])
+    files.write_png(path, images[kind] if kind in images else makers[kind]())
 
 
-def predict_jobs(predictor: Predictor, jobs: Sequence[Job], out_dir: str, *, overwrite: bool,
-                 overlay: bool, report: Callable[[str], None],
-                 progress: Callable[[int, int], None] | None = None) -> int:
-  """Predicts and writes every job, a batch at a time; reports each failure, returns their
-  number. A bad pair fails alone: the rest still run."""
-  failures = 0
-  done = 0
-  for start in range(0, len(jobs), predictor.batch_size):
-    loaded = []
-    for job in jobs[start:start + predictor.batch_size]:
-      paths = output_paths(out_dir, job.name, overlay)
+@dataclasses.dataclass
+class Summary:
+  """What a folder run did with its composites."""
+
+  written: int = 0
+  skipped: int = 0  # Every output already there (`skip_existing`).
+  failed: int = 0
+
+  def line(self, total: int) -> str:
+    return (f"predict: {total} composites: {self.written} written, {self.skipped} skipped "
+            f"(their outputs exist), {self.failed} failed")
+
+
+def _reason(error: Exception) -> str:
+  """One line: a UserError or OSError names the file and says what is wrong; anything else
+  (out of memory, a bug) is named by its type."""
+  if isinstance(error, errors.UserError | OSError):
+    return str(error)
+  return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def predict_jobs(predictor: Predictor, jobs: Sequence[Job], out_dir: str, *,
+                 kinds: Sequence[str] = OUTPUT_KINDS, overwrite: bool = False,
+                 skip_existing: bool = False, new_bg: np.ndarray | None = None,
+                 report: Callable[[str], None],
+                 progress: Callable[[int, int], None] | None = None) -> Summary:
+  """Predicts and writes every job; returns what was written, skipped and failed.
+
+  Pairs are read a few at a time, up to `predictor.batch_size` pairs or
+  `predictor.max_batch_pixels` pixels (a photo library's 12-megapixel pairs come one or two at a
+  time, not eight). A pair whose outputs exist is skipped where `skip_existing` (one with some
+  of them gets the rest: a rerun after an interruption does only what is missing), else refused
+  unless `overwrite`. A bad pair fails alone: its files (unreadable, mismatched) are reported
+  before the model runs; a model call that fails (out of memory on a panorama, say) is retried
+  pair by pair, and each pair that still fails is reported; the rest go on.
+  """
+  summary = Summary()
+  os.makedirs(out_dir, exist_ok=True)
+  next_job = 0
+  while next_job < len(jobs):
+    loaded, pixels = [], 0
+    while (next_job < len(jobs) and len(loaded) < predictor.batch_size
+           and pixels < predictor.max_batch_pixels):
+      job = jobs[next_job]
+      next_job += 1
       try:
-        loaded.append((paths, *load_job(job, paths, overwrite=overwrite)))
-      except (errors.UserError, OSError) as e:  # This pair's files: unreadable, exist, mismatch.
-        report(str(e))
-        failures += 1
-    if loaded:
-      predictions = predictor.predict_pairs([(bg, fg_bg) for _, bg, fg_bg in loaded])
-      for (paths, bg, fg_bg), prediction in zip(loaded, predictions, strict=True):
-        try:
-          write_outputs(paths, bg, fg_bg, prediction)
-        except OSError as e:
-          report(f"{paths['mask']}: cannot write ({e})")
-          failures += 1
-    done = min(start + predictor.batch_size, len(jobs))
+        paths = outputs_to_write(output_paths(out_dir, job.name, kinds), overwrite=overwrite,
+                                 skip_existing=skip_existing)
+        if not paths:
+          summary.skipped += 1
+          continue
+        bg, fg_bg = load_pair(job)
+      except Exception as e:  # noqa: BLE001 (this pair's files: whatever is wrong, it alone fails)
+        report(_reason(e))
+        summary.failed += 1
+        continue
+      loaded.append((job, paths, bg, fg_bg))
+      pixels += bg.shape[0] * bg.shape[1]
+    predictions = _predict_each(predictor, loaded, report)
+    for (_, paths, bg, fg_bg), prediction in zip(loaded, predictions, strict=True):
+      if prediction is None:
+        summary.failed += 1
+        continue
+      try:
+        write_outputs(paths, bg, fg_bg, prediction, new_bg)
+        summary.written += 1
+      except OSError as e:
+        report(f"{next(iter(paths.values()))}: cannot write ({e})")
+        summary.failed += 1
     if progress:
-      progress(done, len(jobs))
-  return failures
+      progress(next_job, len(jobs))
+  return summary
+
+
+def _predict_each(predictor: Predictor, loaded: list,
+                  report: Callable[[str], None]) -> list[Prediction | None]:
+  """Predictions for the loaded pairs; where the batch fails, pair by pair, None for each that
+  fails alone (reported)."""
+  pairs = [(bg, fg_bg) for _, _, bg, fg_bg in loaded]
+  if len(pairs) > 1:
+    try:
+      return predictor.predict_pairs(pairs)
+    except Exception:  # noqa: BLE001 (retried pair by pair below: the culprit fails alone)
+      pass
+  predictions = []
+  for (job, _, _, _), pair in zip(loaded, pairs, strict=True):
+    try:
+      predictions.append(predictor.predict_pairs([pair])[0])
+    except Exception as e:  # noqa: BLE001 (reported; the folder goes on)
+      logging.debug("Prediction of %s failed:", job.fg_bg, exc_info=True)
+      report(f"{job.fg_bg}: prediction failed ({_reason(e)})")
+      predictions.append(None)
+  return predictions
 
 
 def demo_pair(height: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

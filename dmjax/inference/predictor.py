@@ -2,16 +2,27 @@
 
   predictor = Predictor.from_workdir("workdirs/r64")
   mask, depth = predictor(bg, fg_bg)   # float32 in [0, 1], (H, W) or (B, H, W)
+  predictor.warm_up()                  # compiles every shape the model can be given
 
 Inputs are numpy arrays, uint8 or [0, 1] floats, (H, W, C) or batches (B, H, W, C). This module
 needs no TensorFlow and no TFDS.
+
+The model runs at a few shapes only, whatever the photos' sizes (`model_input_shapes`); photos
+are resized, padded and cropped, and outputs resized back, on the host. Pairs share a model call
+where their shapes on the device agree, up to `batch_size` pairs and `max_batch_pixels` photo
+pixels a call, in batches of `batch_size` or of a power of two below it: a call is never padded
+with copies (but in `fit="resize"`, where the copies are of the training size and one batch
+shape is worth more than their cost).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
-from collections.abc import Sequence
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -20,14 +31,21 @@ import numpy as np
 from dmjax import checkpoints, errors, models
 from dmjax.data import schema
 from dmjax.inference import cascade as cascade_lib
+from dmjax.inference import compilations
 from dmjax.inference import exported as exported_lib
 from dmjax.models import layers, refiner
 
 FITS = ("auto", "resize", "pad")
-FIT_HELP = ("auto: at the photo's own size, whole photo then object window; resize: squeezed to "
-            "the run's resolution; pad: the model at the photo's size.")
+FIT_HELP = ("auto: at the photo's own size, whole photo then object window, the model at a few "
+            "working sizes; resize: squeezed to the run's resolution; pad: the whole model at "
+            "the photo's size, padded up to the next of a grid of sizes (about 19% apart).")
 CLEAN_MASK_HELP = ("With fit=auto: fill the mask's small holes and drop its stray pieces "
                    "(dmjax.inference.mask_cleanup); --noclean_mask: the mask as the model gave it.")
+# Photo pixels per model call: one 12-megapixel pair runs alone, eight 2-megapixel ones together.
+# It bounds the float32 maps a call holds on the host (about 30 bytes a pixel in fit=auto).
+DEFAULT_MAX_BATCH_PIXELS = 16_000_000
+
+compilations.install()  # So that `compilations.count()` sees the first compilation too.
 
 
 class Prediction(NamedTuple):
@@ -35,8 +53,18 @@ class Prediction(NamedTuple):
   depth: np.ndarray  # Float32 in [0, 1], 0 = nearest.
 
 
+class WarmUp(NamedTuple):
+  shapes: int  # Model input shapes run.
+  compiled: int  # Programs XLA compiled for them (the rest came from the persistent cache).
+  programs: int  # Programs made, compiled or loaded.
+  seconds: float
+
+
 def as_uint8_rgb(image: np.ndarray, what: str = "image") -> np.ndarray:
-  """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 or [0, 1] float → uint8 (H, W, 3)."""
+  """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 or [0, 1] float → uint8 (H, W, 3).
+
+  Floats outside [0, 1] are refused, not clipped: a photo read as 0..255 floats (OpenCV's
+  `astype(float)`) would otherwise come out white."""
   image = np.asarray(image)
   if image.ndim == 2:
     image = image[..., None]
@@ -46,8 +74,12 @@ def as_uint8_rgb(image: np.ndarray, what: str = "image") -> np.ndarray:
   if image.dtype != np.uint8:
     if not np.issubdtype(image.dtype, np.floating):
       raise errors.UserError(f"{what}: expected uint8 or float in [0, 1], got {image.dtype}")
+    low, high = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
+    if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or high > 1:
+      raise errors.UserError(f"{what}: float pixels must lie in [0, 1], got {low:g} to {high:g} "
+                             "(for 0..255 values pass uint8, or divide by 255)")
     # The model was trained on 8-bit photos; rounding to them loses nothing it could use.
-    image = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+    image = np.round(image * 255).astype(np.uint8)
   if image.shape[-1] == 1:
     return np.repeat(image, 3, axis=-1)
   return image[..., :3]  # Alpha dropped: a composite's pixels are what the camera saw.
@@ -60,14 +92,41 @@ def _resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
   height, width = image.shape[:2]
-  pad_height, pad_width = -height % multiple, -width % multiple
-  # Repeated edge pixels, so the padding adds no edge the model could mistake for an object.
-  return np.pad(image, ((0, pad_height), (0, pad_width), (0, 0)), mode="edge")
+  return cascade_lib.pad_edges(image, cascade_lib.round_up(height, multiple),
+                               cascade_lib.round_up(width, multiple))
 
 
 def size_multiple(model) -> int:
   """What the whole model needs height and width to be multiples of (`fit="pad"`)."""
   return layers.SIZE_MULTIPLE * refiner.input_factor(model)
+
+
+def pad_side(length: int, multiple: int) -> int:
+  """What `fit="pad"` pads a side of `length` to: the first of round(16 · 2^(k/4)), rounded up
+  to `multiple`, at least `length` (a grid about 19 % apart, finer where the multiple is the
+  larger step): photos of nearby sizes share one compiled program instead of one each."""
+  return cascade_lib.round_up(cascade_lib.window_side(length), multiple)
+
+
+def split_batches(count: int, limit: int) -> list[int]:
+  """Batch sizes for `count` pairs, at most `limit` a call: `limit` while that many remain, then
+  the largest powers of two (20, 8 → 8 8 4; 7, 8 → 4 2 1). Few batch shapes, each compiled once,
+  and no call runs copies."""
+  sizes = []
+  while count > 0:
+    size = limit if count >= limit else 1 << (count.bit_length() - 1)
+    sizes.append(size)
+    count -= size
+  return sizes
+
+
+def batch_sizes(limit: int) -> list[int]:
+  """Every batch size `split_batches` gives under `limit`."""
+  return sorted({size for count in range(1, limit + 1) for size in split_batches(count, limit)})
+
+
+def _normalize_pair(bg: np.ndarray, fg_bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  return schema.normalize_photo(bg, "bg"), schema.normalize_photo(fg_bg, "fg_bg")
 
 
 @dataclasses.dataclass
@@ -82,11 +141,14 @@ class Predictor:
             and its stray pieces dropped (`dmjax.inference.mask_cleanup`) unless `clean_mask`
             is False.
     resize  squeezed to the run's square training resolution, outputs resized back.
-    pad     the whole model at the photo's own size, padded to the size multiple it needs.
+    pad     the whole model at the photo's own size, padded (edge pixels repeated) up to the
+            next size of a grid (`pad_side`), outputs cropped back.
 
   `Predictor.from_exported(file)` runs a `dmjax.export` file instead (no model code): all three
   where the file has symbolic sizes; a file exported at a fixed size runs `resize` (`auto` there
   means `resize`).
+
+  `calls` counts model calls by input shape (batch, height, width).
   """
 
   model: Any
@@ -98,42 +160,57 @@ class Predictor:
   config: Any = None  # The run's config, when it came from a workdir.
   clean_mask: bool = True  # fit="auto" only.
   exported: exported_lib.ExportedModel | None = None  # Instead of model and variables.
+  max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS  # Photo pixels per model call (at least 1 pair).
 
   def __post_init__(self):
     if self.fit not in FITS:
       raise errors.UserError(f"fit={self.fit!r}: expected one of {FITS}")
     if self.batch_size < 1:
       raise errors.UserError(f"batch_size={self.batch_size}: expected at least 1")
+    self.calls: collections.Counter[tuple[int, int, int]] = collections.Counter()
+    self._cascade: cascade_lib.Cascade | None = None
     if self.exported is not None:
-      # The exported function normalises uint8 photos itself (`_model_input`).
-      self._forward = lambda _, bg, fg_bg: self.exported(bg, fg_bg)
+      # The exported function takes uint8 photos and normalises them itself.
+      self._forward = self.exported
       self._multiple = self.exported.size_multiple
       if self.exported.fixed_size is not None:  # Its one size is all "auto" could give it.
-        self.fit, self._cascade = "resize" if self.fit == "auto" else self.fit, None
+        self.fit = "resize" if self.fit == "auto" else self.fit
         return
       factor = refiner.REFINE_FACTOR if self.exported.metadata["refiner"] else 1
-      self._cascade = cascade_lib.Cascade(functools.partial(_exported_logits, self.exported),
-                                          self.resolution, input_factor=factor,
-                                          clean_mask=self.clean_mask)
+      self._cascade = cascade_lib.Cascade(
+          self._counted(functools.partial(_exported_logits, self.exported)), self.resolution,
+          input_factor=factor, clean_mask=self.clean_mask)
       return
     self.variables = jax.device_put(self.variables)
-    self._forward = jax.jit(functools.partial(models.predict_probabilities, self.model))
+    probabilities = jax.jit(functools.partial(models.predict_probabilities, self.model))
+    self._forward = lambda bg, fg_bg: probabilities(self.variables, *_normalize_pair(bg, fg_bg))
     self._multiple = size_multiple(self.model)
-    self._cascade = cascade_lib.Cascade.of_model(self.model, self.variables, self.resolution,
-                                                 clean_mask=self.clean_mask)
+    cascade = cascade_lib.Cascade.of_model(self.model, self.variables, self.resolution,
+                                           clean_mask=self.clean_mask, prepare=_normalize_pair)
+    cascade.forward = self._counted(cascade.forward)
+    self._cascade = cascade
+
+  def _counted(self, forward: Callable) -> Callable:
+    def counted(bg, fg_bg):
+      self.calls[tuple(np.shape(bg)[:3])] += 1
+      return forward(bg, fg_bg)
+    return counted
 
   @classmethod
   def from_workdir(cls, workdir: str, *, step: int | None = None, fit: str = "auto",
-                   batch_size: int = 8, clean_mask: bool = True) -> Predictor:
+                   batch_size: int = 8, clean_mask: bool = True,
+                   max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS) -> Predictor:
     """The latest (or `step`) checkpoint of a training run, with the model its config names."""
     config, variables, step = checkpoints.restore_model(workdir, step)
     return cls(model=models.create_model(config.model), variables=variables,
                resolution=int(config.data.resolution), step=step, fit=fit,
-               batch_size=batch_size, config=config, clean_mask=clean_mask)
+               batch_size=batch_size, config=config, clean_mask=clean_mask,
+               max_batch_pixels=max_batch_pixels)
 
   @classmethod
   def from_exported(cls, path: str, *, fit: str = "auto", batch_size: int = 8,
-                    expect_model: str | None = None, clean_mask: bool = True) -> Predictor:
+                    expect_model: str | None = None, clean_mask: bool = True,
+                    max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS) -> Predictor:
     """A `dmjax.export` file (refused if exported from another model than `expect_model`).
 
     `fit="auto"` and `pad` need a file with symbolic sizes; at a fixed size, `auto` means
@@ -151,7 +228,7 @@ class Predictor:
                   else int(exported.metadata["resolution_policy"]["training_resolution"]))
     return cls(model=None, variables=None, resolution=resolution,
                step=exported.metadata["checkpoint_step"] or 0, fit=fit, batch_size=batch_size,
-               exported=exported, clean_mask=clean_mask)
+               exported=exported, clean_mask=clean_mask, max_batch_pixels=max_batch_pixels)
 
   def __call__(self, bg: np.ndarray, fg_bg: np.ndarray) -> Prediction:
     """Mask probability and depth for one pair (H, W[, C]) or a batch (B, H, W, C)."""
@@ -167,27 +244,20 @@ class Predictor:
     return Prediction(mask[0], depth[0]) if single else Prediction(mask, depth)
 
   def predict_pairs(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[Prediction]:
-    """Predictions for pairs of any (each its own) size, in batches of `batch_size`."""
-    inputs = []
+    """Predictions for pairs of any (each its own) size, in as few model calls as the limits
+    allow (module docstring)."""
+    photos = []
     for index, (bg, fg_bg) in enumerate(pairs):
       bg, fg_bg = as_uint8_rgb(bg, f"bg {index}"), as_uint8_rgb(fg_bg, f"fg_bg {index}")
       if bg.shape != fg_bg.shape:
         raise errors.UserError(f"pair {index}: bg is {image_size(bg)} but fg_bg is "
                                f"{image_size(fg_bg)}; a pair must be the same size")
-      inputs.append(self._model_input(bg, fg_bg))
-    outputs: list[Prediction | None] = [None] * len(inputs)
-    # Equal shapes share a batch (and one compiled program); in "resize" mode all are equal.
-    by_shape: dict[tuple, list[int]] = {}
-    for index, (bg, _) in enumerate(inputs):
-      by_shape.setdefault(bg.shape, []).append(index)
-    for indices in by_shape.values():
-      for start in range(0, len(indices), self.batch_size):
-        chunk = indices[start:start + self.batch_size]
-        mask, depth = self._run([inputs[i] for i in chunk])
-        for row, index in enumerate(chunk):
-          height, width = np.shape(pairs[index][0])[:2]
-          outputs[index] = Prediction(*(self._to_input_size(m[row], height, width)
-                                        for m in (mask, depth)))
+      photos.append((bg, fg_bg))
+    outputs: list[Prediction | None] = [None] * len(photos)
+    for batch in self._plan_batches([bg.shape[:2] for bg, _ in photos]):
+      predictions = self._predict_batch([photos[index] for index in batch])
+      for index, prediction in zip(batch, predictions, strict=True):
+        outputs[index] = prediction
     return outputs
 
   def working_sizes(self, height: int, width: int) -> dict[str, tuple[int, int]]:
@@ -195,35 +265,108 @@ class Predictor:
     (`dmjax.inference.cascade.Cascade.working_sizes`)."""
     return self._cascade.working_sizes(height, width)
 
-  def _model_input(self, bg: np.ndarray, fg_bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def model_input_shapes(self,
+                         photo_sizes: Iterable[tuple[int, int]] = ()) -> list[tuple[int, int, int]]:
+    """Every (batch, height, width) a model call can have: for `fit="auto"` and `resize`
+    whatever the photos; for `pad`, for photos of `photo_sizes` (height, width), as its sizes
+    have no end."""
+    batches = batch_sizes(self.batch_size)
     if self.fit == "resize":
-      bg, fg_bg = (schema.resize_whole_frame(x, self.resolution, self.resolution)
-                   for x in (bg, fg_bg))
-    elif self.fit == "pad":
-      bg, fg_bg = _pad_to_multiple(bg, self._multiple), _pad_to_multiple(fg_bg, self._multiple)
-    if self.exported is not None:
-      return bg, fg_bg
-    return schema.normalize_photo(bg, "bg"), schema.normalize_photo(fg_bg, "fg_bg")
+      return [(self.batch_size, self.resolution, self.resolution)]
+    if self.fit == "pad":
+      return sorted({(batch, *self.pad_shape(*size)) for size in photo_sizes for batch in batches})
+    shapes = self._cascade.model_input_shapes()
+    # The object pass runs pair by pair.
+    return sorted({(batch, *shape) for shape in shapes["frame"] for batch in batches}
+                  | {(1, *shape) for shape in shapes["object"]})
 
-  def _run(self, inputs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+  def warm_up(self, photo_sizes: Iterable[tuple[int, int]] = ()) -> WarmUp:
+    """Runs the model once at each of `model_input_shapes(photo_sizes)`, so that no later call
+    compiles (with the persistent compilation cache, a second start loads them instead)."""
+    started, before = time.perf_counter(), compilations.count()
+    shapes = self.model_input_shapes(photo_sizes)
+    for batch, height, width in shapes:
+      if self.fit == "auto":  # The cascade gives the model float32 photos.
+        photo = np.zeros((batch, height, width, 3), np.float32)
+        jax.device_get(self._cascade.forward(photo, photo))
+      else:
+        photo = np.zeros((batch, height, width, 3), np.uint8)
+        self._run_forward(photo, photo)
+    after = compilations.count()
+    return WarmUp(len(shapes), after.compiled - before.compiled,
+                  after.programs - before.programs, time.perf_counter() - started)
+
+  def pad_shape(self, height: int, width: int) -> tuple[int, int]:
+    return pad_side(height, self._multiple), pad_side(width, self._multiple)
+
+  def _batch_key(self, height: int, width: int) -> tuple[int, int]:
+    """Pairs of photo sizes with the same key can share a model call."""
     if self.fit == "auto":
-      # Photos of their own sizes compile per size anyway; padding one large photo to a batch
-      # of copies would multiply its time and memory.
-      forward, padded = self._cascade, inputs
-    else:
-      # A short last batch is padded with copies, so every batch has one shape: one compilation.
-      forward = functools.partial(self._forward, self.variables)
-      padded = inputs + [inputs[-1]] * (self.batch_size - len(inputs))
-    bg = np.stack([b for b, _ in padded])
-    fg_bg = np.stack([f for _, f in padded])
-    mask, depth = jax.device_get(forward(bg, fg_bg))
-    return mask[:len(inputs), ..., 0], depth[:len(inputs), ..., 0]
+      return self._cascade.frame_shape(height, width)
+    if self.fit == "pad":
+      return self.pad_shape(height, width)
+    return (self.resolution, self.resolution)
 
-  def _to_input_size(self, values: np.ndarray, height: int, width: int) -> np.ndarray:
-    values = np.asarray(values, np.float32)
-    if self.fit != "resize":
-      return values[:height, :width]
-    return _resize_map(values, (width, height))
+  def _plan_batches(self, sizes: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Indices of `sizes` (height, width) by model call: same key, at most `batch_size` pairs
+    and `max_batch_pixels` pixels (but at least one pair), split as `split_batches` does."""
+    by_key: dict[tuple[int, int], list[int]] = {}
+    for index, size in enumerate(sizes):
+      by_key.setdefault(self._batch_key(*size), []).append(index)
+    batches = []
+    for indices in by_key.values():
+      chunk, pixels = [], 0
+      for index in indices:
+        height, width = sizes[index]
+        if chunk and (len(chunk) == self.batch_size
+                      or pixels + height * width > self.max_batch_pixels):
+          batches += self._split(chunk)
+          chunk, pixels = [], 0
+        chunk.append(index)
+        pixels += height * width
+      batches += self._split(chunk)
+    return batches
+
+  def _split(self, chunk: list[int]) -> list[list[int]]:
+    if self.fit == "resize":  # Padded with copies instead (`_predict_resized`).
+      return [chunk]
+    batches, start = [], 0
+    for size in split_batches(len(chunk), self.batch_size):
+      batches.append(chunk[start:start + size])
+      start += size
+    return batches
+
+  def _predict_batch(self, photos: list[tuple[np.ndarray, np.ndarray]]) -> list[Prediction]:
+    if self.fit == "auto":
+      results = self._cascade.predict_batch([bg for bg, _ in photos], [f for _, f in photos])
+      return [Prediction(mask, depth) for mask, depth in results]
+    if self.fit == "pad":
+      shape = self.pad_shape(*photos[0][0].shape[:2])
+      bg, fg_bg = (np.stack([cascade_lib.pad_edges(pair[k], *shape) for pair in photos])
+                   for k in (0, 1))
+      mask, depth = self._run_forward(bg, fg_bg)
+      return [Prediction(*(np.array(x[row, :b.shape[0], :b.shape[1]], np.float32)
+                           for x in (mask, depth)))
+              for row, (b, _) in enumerate(photos)]
+    return self._predict_resized(photos)
+
+  def _predict_resized(self, photos: list[tuple[np.ndarray, np.ndarray]]) -> list[Prediction]:
+    # As evaluation resizes (8-bit, PIL's bilinear); a short batch is padded with copies, so
+    # that every call has one shape.
+    resized = [tuple(schema.resize_whole_frame(x, self.resolution, self.resolution) for x in pair)
+               for pair in photos]
+    resized += [resized[-1]] * (self.batch_size - len(resized))
+    mask, depth = self._run_forward(np.stack([b for b, _ in resized]),
+                                    np.stack([f for _, f in resized]))
+    return [Prediction(*(_resize_map(np.asarray(x[row], np.float32), (bg.shape[1], bg.shape[0]))
+                         for x in (mask, depth)))
+            for row, (bg, _) in enumerate(photos)]
+
+  def _run_forward(self, bg: np.ndarray, fg_bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities (B, H, W) of the whole model on uint8 photos at a working shape."""
+    self.calls[bg.shape[:3]] += 1
+    mask, depth = jax.device_get(self._forward(bg, fg_bg))
+    return np.asarray(mask)[..., 0], np.asarray(depth)[..., 0]
 
 
 def _exported_logits(exported: exported_lib.ExportedModel, bg: np.ndarray,

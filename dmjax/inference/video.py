@@ -18,9 +18,10 @@ depth colours (the grey mask has no chroma to lose). `lossless=True` writes H.26
 mode (QP 0) instead: the exact 8-bit values, for compositing, played by ffmpeg, VLC and mpv but
 not by browsers or QuickTime. The PNG frames are exact either way.
 
-Frames stream through: decoded, predicted `predictor.batch_size` at a time (a short last batch
-padded with copies of its last frame, so that every model call has one shape and compiles
-once), encoded. Memory does not grow with the video's length. Frames are written at the input's
+Frames stream through: decoded, predicted `predictor.batch_size` at a time, encoded. A short last
+batch is not padded with copies: `Predictor` runs it in batches of powers of two, shapes that
+`Predictor.warm_up` compiles (in `fit="resize"` it pads to its own training size, where copies
+cost little). Memory does not grow with the video's length. Frames are written at the input's
 average rate, numbered from 0 (a variable-rate video comes out at a constant one); a rotation in
 the video's metadata (phones) is applied, so frames and outputs stand upright as EXIF-rotated
 photos do. Outputs are written under temporary names and renamed when complete; existing ones
@@ -173,22 +174,16 @@ def load_plate(path: str, video: VideoReader) -> np.ndarray:
 def predict_frames(predictor: Predictor, plate: np.ndarray,
                    frames: Iterable[np.ndarray]) -> Iterator[Prediction]:
   """The prediction for each frame over `plate`, in order, `predictor.batch_size` frames per
-  model call; a short last batch is padded with copies of its last frame, so that every call has
-  one shape (one compiled program)."""
+  model call (the short last batch as `Predictor.predict_pairs` splits it, never padded with
+  copies)."""
   batch: list[np.ndarray] = []
   for frame in frames:
     batch.append(frame)
     if len(batch) == predictor.batch_size:
-      yield from _predict_batch(predictor, plate, batch)
+      yield from predictor.predict_pairs([(plate, f) for f in batch])
       batch = []
   if batch:
-    yield from _predict_batch(predictor, plate, batch)
-
-
-def _predict_batch(predictor: Predictor, plate: np.ndarray,
-                   batch: list[np.ndarray]) -> list[Prediction]:
-  padded = batch + [batch[-1]] * (predictor.batch_size - len(batch))
-  return predictor.predict_pairs([(plate, frame) for frame in padded])[:len(batch)]
+    yield from predictor.predict_pairs([(plate, f) for f in batch])
 
 
 def output_paths(out_dir: str, name: str, png_frames: bool) -> dict[str, str]:
