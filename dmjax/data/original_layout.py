@@ -34,7 +34,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from dmjax import errors
+from dmjax import errors, image_decode
 from dmjax.data import schema
 
 FOLDER_KEYS = ("bg_dir", "fg_bg_dir", "mask_dir", "depth_dir")
@@ -196,10 +196,10 @@ class OriginalLayout:
   def _decode(self, ref: FileRef, data: bytes | None = None) -> Image.Image:
     try:
       data = self.read_bytes(ref) if data is None else data
-      image = Image.open(io.BytesIO(data))
-      image.load()
+      image = image_decode.decode(data, str(ref))  # Raster formats only: dmjax.image_decode.
     except (OSError, SyntaxError, ValueError, zipfile.BadZipFile) as exc:
-      raise BadExampleError(f"{ref}: unreadable image ({_one_line(exc)})") from exc
+      reason = exc.reason if isinstance(exc, image_decode.UnreadableImage) else _one_line(exc)
+      raise BadExampleError(f"{ref}: unreadable image ({reason})") from exc
     return image
 
   def _background(self, composite: Composite) -> tuple[np.ndarray, bytes]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -24,9 +23,8 @@ import os
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
-from dmjax import errors, progress
+from dmjax import errors, image_decode, progress
 from dmjax.data import original_layout, schema, synthetic
 
 SPLITS = ("train", "test")
@@ -58,7 +56,7 @@ def decode_example(encoded: dict[str, bytes]) -> dict[str, np.ndarray]:
   """Raw bytes from the data source back to the stored format of dmjax.data.schema."""
   out = {}
   for key in schema.KEYS:
-    with Image.open(io.BytesIO(encoded[key])) as image:
+    with image_decode.opened(encoded[key], key) as image:
       if key in schema.IMAGE_KEYS:
         out[key] = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
       elif key == "mask":

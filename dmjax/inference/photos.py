@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageOps
 
-from dmjax import errors, files, visualize
+from dmjax import errors, files, image_decode, visualize
 from dmjax.data import schema
 from dmjax.inference import outputs
 from dmjax.inference.predictor import Prediction, Predictor, as_uint8_rgb, image_size
@@ -46,14 +46,11 @@ def to_rgb(image: Image.Image, what: str) -> np.ndarray:
 
 
 def read_image(path: str) -> np.ndarray:
-  """Any image PIL reads → uint8 RGB (H, W, 3), upright per its EXIF orientation."""
+  """A photo (`image_decode.FORMATS`) → uint8 RGB (H, W, 3), upright per its EXIF orientation."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such file")
-  try:
-    with Image.open(path) as image:
-      return to_rgb(image, path)
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise errors.UserError(f"{path}: cannot read it as an image ({e})") from None
+  with image_decode.opened(path) as image:  # Raster formats only; any failure a UserError.
+    return to_rgb(image, path)
 
 
 def output_images(prediction: Prediction,
