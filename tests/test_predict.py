@@ -432,12 +432,13 @@ def test_a_folder_is_read_a_pixel_budget_at_a_time(predictor, tmp_path, monkeypa
   assert summary.written == 5 and loaded == [2, 2, 1]  # Not all 5 at once: 2 pairs' pixels.
 
 
-def test_composite_names_that_differ_only_in_case_collide(tmp_path):
+def test_composite_names_that_differ_only_in_case_collide_and_only_photos_count(tmp_path):
   fg_bg_dir = tmp_path / "fg_bg"
   fg_bg_dir.mkdir()
   save(fg_bg_dir / "Cat.png", scene(0)[1])
   save(fg_bg_dir / "cat.jpg", scene(1)[1])
   save(fg_bg_dir / "dog.png", scene(2)[1])
+  (fg_bg_dir / "dog.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n")  # Not a photo: not listed.
   jobs, problems = photos.find_jobs(bg=str(fg_bg_dir / "dog.png"), fg_bg=None, bg_dir=None,
                                     fg_bg_dir=str(fg_bg_dir))
   assert [job.name for job in jobs] == ["dog"]

@@ -79,10 +79,12 @@ def _stem(path: str) -> str:
 
 
 def list_images(folder: str) -> list[str]:
-  """The files of a folder with an image extension PIL knows, sorted; refuses an empty one."""
+  """The files of a folder with the extension of a format `image_decode` reads, sorted (an .eps
+  or .pdf beside the photos is not one); refuses an empty one."""
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"{folder}: no such folder")
-  extensions = {e.lower() for e in Image.registered_extensions()}
+  extensions = {extension.lower() for extension, name in Image.registered_extensions().items()
+                if name in image_decode.FORMATS}
   paths = [os.path.join(folder, name) for name in sorted(os.listdir(folder))
            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions
            and os.path.isfile(os.path.join(folder, name))]
