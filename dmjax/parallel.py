@@ -70,6 +70,13 @@ def local_copy(tree):
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
+def local_device_copy(tree):
+  """This process's copy of replicated global arrays where it already is, on one of its own
+  devices: a program over it runs on that device alone (no collectives, so one process may run
+  it) and nothing crosses to the host."""
+  return jax.tree.map(lambda x: x.addressable_data(0), tree)
+
+
 class DevicePrefetcher:
   """Keeps `size` batches of a host iterator on the devices: the one handed out last (its step
   may still run) and the next `size - 1` on their way, so that the transfer of one overlaps the

@@ -18,7 +18,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 
@@ -35,7 +34,7 @@ from dmjax import (
   visualize,
 )
 from dmjax import config as config_lib
-from dmjax.data import augment, pipeline
+from dmjax.data import augment, pipeline, sources
 from dmjax.evaluation import baselines, evaluator
 from dmjax.evaluation import metrics as metrics_lib
 from dmjax.models import layers
@@ -164,8 +163,13 @@ def load_previous_stage(state: TrainState, config) -> TrainState:
                            f"{previous_config.model.name}, not {config.model.name}")
   checkpoints.check_compatible(variables, state.variables, what=f"init_from {config.init_from}")
   logging.info("Starting from %s, step %d.", config.init_from, step)
-  return state.replace(params=jax.device_put(variables["params"]),
-                       batch_stats=jax.device_put(variables["batch_stats"]))
+  # Where the state's own arrays are (replicated on the mesh), not on the default device.
+  return state.replace(params=_placed_like(variables["params"], state.params),
+                       batch_stats=_placed_like(variables["batch_stats"], state.batch_stats))
+
+
+def _placed_like(values, like):
+  return jax.device_put(values, jax.tree.map(lambda x: x.sharding, like))
 
 
 class _FrozenIterator:
@@ -201,14 +205,37 @@ def check_finite(history: list[tuple[int, dict]]) -> None:
                                       "last checkpoint is left as it was")
 
 
-def mean_terms(history: list[tuple[int, dict]]) -> dict[str, float]:
-  return {k: float(np.mean([terms[k] for _, terms in history])) for k in history[0][1]}
+@jax.jit
+def accumulate_terms(window, step, terms):
+  """The log window (None: a new one) with one more step's loss terms, kept on the device: their
+  sums, and the first step whose terms are not all finite, with those terms. Fetched once per
+  window (`read_window`), not once per step."""
+  if window is None:
+    zeros = jax.tree.map(jnp.zeros_like, terms)
+    window = {"sums": zeros, "bad_step": jnp.int32(-1), "bad_terms": zeros}
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(terms)]))
+  first_bad = (window["bad_step"] < 0) & ~finite
+  return {"sums": jax.tree.map(jnp.add, window["sums"], terms),
+          "bad_step": jnp.where(first_bad, step, window["bad_step"]),
+          "bad_terms": jax.tree.map(lambda kept, new: jnp.where(first_bad, new, kept),
+                                    window["bad_terms"], terms)}
 
 
-def write_examples(writer, step: int, variables, eval_batch, model, num: int = 6) -> None:
+def read_window(window, num_steps: int) -> dict[str, float]:
+  """The mean loss terms of a log window of `num_steps` steps, in one transfer from the device;
+  `check_finite`'s error at its first non-finite step, if any."""
+  fetched = jax.device_get(window)
+  if int(fetched["bad_step"]) >= 0:
+    check_finite([(int(fetched["bad_step"]),
+                   {k: float(v) for k, v in fetched["bad_terms"].items()})])
+  return {k: float(v) / num_steps for k, v in fetched["sums"].items()}
+
+
+def write_examples(writer, step: int, variables, eval_batch, predict, num: int = 6) -> None:
+  """The chief's example grid; `predict` is `evaluator.make_local_predict`'s, made once."""
   batch = {k: v[:num] for k, v in eval_batch.items()}
-  local = parallel.local_copy(variables)  # The chief predicts alone.
-  mask_prob, depth_pred = jax.device_get(evaluator.predict(model, local, batch))
+  # The chief predicts alone, on its own device's copy of the replicated parameters.
+  mask_prob, depth_pred = jax.device_get(predict(parallel.local_device_copy(variables), batch))
   bg, fg_bg = pipeline.denormalize(batch)
   grid = visualize.example_grid(bg, fg_bg, batch["mask"], mask_prob, batch["depth"], depth_pred)
   writer.write_images(step, {"examples": grid[None]})
@@ -222,6 +249,7 @@ def is_due(step: int, every: int) -> bool:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict:
   """Trains (resuming from the workdir's latest checkpoint) and returns the final metrics."""
   config_lib.validate(config)
+  config = sources.with_absolute_data_dir(config)  # As saved: evaluate finds it from anywhere.
   # CLU's writers and periodic actions, with or without TensorFlow (dmjax.summaries).
   summaries.metric_writers()
   from clu import periodic_actions  # noqa: PLC0415
@@ -268,6 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
   p_train_step = make_train_step(model, tx, config.loss, mesh,
                                  augment.make_preprocess(config))
   p_eval_step = evaluator.make_eval_step(model, mesh)
+  p_example_predict = evaluator.make_local_predict(model)
   schedule = create_learning_rate_schedule(config.optimizer, config.num_train_steps)
   train_batches = parallel.DevicePrefetcher(train_iter, parallel.batch_sharding(mesh))
 
@@ -275,11 +304,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
     batches = pipeline.create_eval_batches(config, config.data.eval_split, num_examples,
                                            batch_size=config.eval_batch_size)
     results = evaluator.evaluate(p_eval_step, state.variables, batches, mesh)
-    first = next(iter(pipeline.create_eval_batches(config, config.data.eval_split, 8,
-                                                   batch_size=8, process_index=0,
-                                                   process_count=1)))
     if is_chief:
-      write_examples(writer, step, state.variables, first, model)
+      first = next(iter(pipeline.create_eval_batches(config, config.data.eval_split, 8,
+                                                     batch_size=8, process_index=0,
+                                                     process_count=1)))
+      write_examples(writer, step, state.variables, first, p_example_predict)
     writer.write_scalars(step, {"eval/" + k: v for k, v in results.items()})
     return results
 
@@ -288,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
                                            writer=writer)] if is_chief else []
   if config.profile and is_chief:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
-  history: list[tuple[int, Any]] = []
+  window = None  # The loss terms since the last log, summed on the device.
   window_start, window_step = time.time(), initial_step
   started = time.time()
   stop.listen()
@@ -296,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
     for step in range(initial_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, terms = p_train_step(state, next(train_batches))
-      history.append((step, terms))
+      window = accumulate_terms(window, step, terms)
       for hook in hooks:
         hook(step)
 
@@ -307,11 +336,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
       stopping = stop.reached(step)
       should_save = stopping or manager.should_save(step)
       if should_save or is_due(step, config.log_every_steps):
-        history = [(s, {k: float(v) for k, v in jax.device_get(t).items()}) for s, t in history]
-        check_finite(history)
+        means = read_window(window, step - window_step)  # Raises at a non-finite step.
         elapsed = time.time() - window_start
         rate = (step - window_step) / max(elapsed, 1e-9)
-        scalars = {"train/" + k: v for k, v in mean_terms(history).items()}
+        scalars = {"train/" + k: v for k, v in means.items()}
         scalars.update({"train/learning_rate": float(schedule(step - 1)),
                         "train/steps_per_sec": rate,
                         "train/images_per_sec": rate * config.batch_size})
@@ -320,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
         logging.info("step %d/%d  loss %.4f  %.2f steps/s  %.0f images/s  ETA %s", step,
                      config.num_train_steps, scalars["train/total"], rate,
                      rate * config.batch_size, progress.format_duration(eta))
-        history, window_start, window_step = [], time.time(), step
+        window, window_start, window_step = None, time.time(), step
       if is_due(step, config.eval_every_steps) and not last and not stopping:
         run_eval(step, config.data.num_eval_examples)
       if should_save:

@@ -194,3 +194,34 @@ def test_bad_resolutions_are_one_line_errors(trained):
   _, workdir, _ = trained
   with pytest.raises(SystemExit, match="--resolution='192,big'"):
     evaluate.main([f"--workdir={workdir}", "--resolution=192,big"])
+
+
+def test_evaluation_places_the_parameters_on_the_mesh_once():
+  import jax
+
+  from dmjax import parallel
+  from dmjax.evaluation import evaluator
+
+  mesh = parallel.create_mesh()
+  variables = {"params": {"scale": np.full((1,), 0.5, np.float32)}}  # As a checkpoint gives them.
+  received = []
+
+  @jax.jit
+  def scaled_metrics(variables, batch):
+    return metrics.compute_metrics(batch["mask"] * variables["params"]["scale"][0],
+                                   batch["depth"], batch)
+
+  def step(variables, batch):
+    received.append(variables)
+    return scaled_metrics(variables, batch)
+
+  rng = np.random.default_rng(0)
+  batches = [{"mask": rng.random((2, 8, 8, 1), np.float32),
+              "depth": rng.random((2, 8, 8, 1), np.float32),
+              "example_weight": np.ones(2, np.float32)} for _ in range(3)]
+  evaluator.evaluate(step, variables, batches, mesh)
+  assert len(received) == 3
+  leaves = [leaf for placed in received for leaf in jax.tree.leaves(placed)]
+  assert all(isinstance(leaf, jax.Array) and leaf.sharding == parallel.replicated(mesh)
+             for leaf in leaves), leaves
+  assert all(placed is received[0] for placed in received)  # Placed once, not per batch.

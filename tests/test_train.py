@@ -119,22 +119,36 @@ def test_sigterm_between_checkpoints_saves_where_it_stops_and_resumes_bit_identi
   assert_trees_equal(final_params(workdir), final_params(uninterrupted))
 
 
-def test_two_devices_match_one_device(one_device_run, tmp_path):
+def test_two_devices_match_one_device_and_start_from_init_from(one_device_run, tmp_path):
   config, one_device = one_device_run
   config_path = tmp_path / "config.json"
   config_path.write_text(config.to_json())
+  run, stage = tmp_path / "run", tmp_path / "next_stage"
+  # Then a next stage on the same two devices from the one-device run: its parameters are
+  # placed replicated on the mesh, as the state they replace.
   script = (
-      "import sys, json, ml_collections\n"
-      "from dmjax import train\n"
+      "import sys, json, jax, ml_collections\n"
+      "from dmjax import models, parallel, train\n"
       "config = ml_collections.ConfigDict(json.loads(open(sys.argv[1]).read()))\n"
-      "train.train_and_evaluate(config, sys.argv[2])\n")
+      "train.train_and_evaluate(config, sys.argv[2])\n"
+      "config.init_from, config.num_train_steps = sys.argv[3], 1\n"
+      "mesh, model = parallel.create_mesh(), models.create_model(config.model)\n"
+      "state = jax.device_put(train.create_train_state(config, model, train.create_optimizer("
+      "config), jax.random.PRNGKey(1)), parallel.replicated(mesh))\n"
+      "loaded = train.load_previous_stage(state, config)\n"
+      "for leaf in jax.tree.leaves(loaded.variables):\n"
+      "  assert leaf.sharding == parallel.replicated(mesh), leaf.sharding\n"
+      "train.train_and_evaluate(config, sys.argv[4])\n")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
-  subprocess.run([sys.executable, "-c", script, str(config_path), str(tmp_path)],
-                 check=True, env=env, cwd=REPO, capture_output=True, timeout=600)
-  one, two = (checkpoints.restore_model(workdir)[1] for workdir in (one_device, str(tmp_path)))
+  result = subprocess.run([sys.executable, "-c", script, str(config_path), str(run), one_device,
+                           str(stage)], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  one, two = (checkpoints.restore_model(workdir)[1] for workdir in (one_device, str(run)))
   difference = relative_update_difference(config, one, two)
   assert difference < 1e-3, difference
+  assert checkpoints.restore_model(str(stage))[2] == 1
 
 
 def test_init_from_loads_previous_stage(trained, tiny_data_config):
@@ -235,3 +249,71 @@ def test_a_few_dozen_steps_on_one_batch_cut_the_loss_in_float32_and_bfloat16(tin
   assert {leaf.dtype for leaf in jax.tree.leaves((state.params, state.batch_stats,
                                                   state.opt_state))} <= {np.dtype(np.float32),
                                                                          np.dtype(np.int32)}
+
+
+def test_evaluations_reuse_one_compiled_model_and_logging_fetches_once_per_window(
+    tiny_data_config, tmp_path, monkeypatch):
+  from dmjax.evaluation import evaluator
+
+  # Every call of the model's prediction outside jit, and every trace inside it, lands here.
+  calls = []
+  real_predict = evaluator.predict
+
+  def counting_predict(model, variables, batch):
+    calls.append(all(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(variables)))
+    return real_predict(model, variables, batch)
+
+  monkeypatch.setattr(evaluator, "predict", counting_predict)
+  # The loss terms of every step, read here; and the fetches of loss terms training makes.
+  per_step = []
+  real_make_train_step = train.make_train_step
+
+  def recording_make_train_step(*args, **kwargs):
+    step_fn = real_make_train_step(*args, **kwargs)
+
+    def step(state, batch):
+      state, terms = step_fn(state, batch)
+      per_step.append({k: float(np.asarray(v)) for k, v in terms.items()})
+      return state, terms
+
+    return step
+
+  monkeypatch.setattr(train, "make_train_step", recording_make_train_step)
+  fetches = []
+  real_device_get = jax.device_get
+
+  def counting_device_get(tree):
+    if "'total'" in str(jax.tree_util.tree_structure(tree)):
+      fetches.append(tree)
+    return real_device_get(tree)
+
+  monkeypatch.setattr(jax, "device_get", counting_device_get)
+
+  writer = RecordingWriter()
+  config = tiny(tiny_data_config, num_train_steps=4, log_every_steps=2, eval_every_steps=1,
+                checkpoint_every_steps=0)
+  train.train_and_evaluate(config, str(tmp_path), writer=writer)
+  assert sorted(writer.images) == [1, 2, 3, 4]  # Four evaluations, each with example images.
+  # Traced once by the evaluation step and once by the example images, both jitted.
+  assert calls == [True, True]
+  assert len(fetches) == 2  # Steps 2 and 4: one fetch per log window, not one per step.
+  for logged_step, steps in ((2, per_step[0:2]), (4, per_step[2:4])):
+    logged = writer.scalars[logged_step]
+    for key in steps[0]:
+      assert logged["train/" + key] == pytest.approx(np.mean([s[key] for s in steps]),
+                                                     rel=1e-6), key
+
+
+def test_the_first_non_finite_step_of_a_log_window_is_named():
+  terms = [{"total": np.float32(1.0), "grad_norm": np.float32(2.0)},
+           {"total": np.float32(np.nan), "grad_norm": np.float32(3.0)},
+           {"total": np.float32(np.inf), "grad_norm": np.float32(4.0)}]
+  window = None
+  for step, step_terms in enumerate(terms, start=7):
+    window = train.accumulate_terms(window, step, step_terms)
+  with pytest.raises(errors.NonFiniteLossError, match=r"at step 8: grad_norm=3, total=nan"):
+    train.read_window(window, 3)
+  window = train.accumulate_terms(None, 1, terms[0])
+  window = train.accumulate_terms(window, 2, {"total": np.float32(3.0),
+                                              "grad_norm": np.float32(0.0)})
+  assert train.read_window(window, 2) == {"total": 2.0, "grad_norm": 1.0}

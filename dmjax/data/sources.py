@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 
 import ml_collections
@@ -63,6 +64,16 @@ def original_source(config: ml_collections.ConfigDict, reload: bool = False) -> 
   manual_dir = tfds_builder.original_manual_dir(config.data.dir)
   return Source(builder=builder, splits=tfds_builder.SPLITS,
                 download_config=_download_config(manual_dir=manual_dir))
+
+
+def with_absolute_data_dir(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config`, or a copy whose `data.dir` is absolute: a run saves its config so, and the tools
+  that read the run later (evaluate) find the same folder from any working directory."""
+  if not config.data.dir or os.path.isabs(config.data.dir):
+    return config
+  config = config.copy_and_resolve_references()
+  config.data.dir = os.path.abspath(config.data.dir)
+  return config
 
 
 SOURCES: dict[str, Callable[..., Source]] = {

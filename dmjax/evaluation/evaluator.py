@@ -28,6 +28,13 @@ def eval_step(variables, batch, *, model) -> metrics_lib.EvalMetrics:
   return metrics_lib.compute_metrics(mask_prob, depth_pred, batch)
 
 
+def make_local_predict(model) -> Callable:
+  """`predict` jitted for one device: e.g. the chief's example images, on its own copy of the
+  parameters (`parallel.local_device_copy`), which the other processes need not join. Make it
+  once: each new jitted function traces and compiles again."""
+  return jax.jit(functools.partial(predict, model))
+
+
 def make_eval_step(model, mesh: Mesh) -> Callable:
   return jax.jit(functools.partial(eval_step, model=model),
                  in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
@@ -40,9 +47,12 @@ def evaluate(step_fn: Callable, variables, batches: Iterable[dict], mesh: Mesh,
 
   Each step's (replicated) sums come to the host and are merged there: merging global arrays
   would make every process launch a tiny program over all devices of all processes per batch.
+  `variables` (host arrays, or global ones already) are placed once, replicated on the mesh,
+  not sent to the devices with every batch.
   """
   collection = None
   sharding = parallel.batch_sharding(mesh)
+  variables = jax.device_put(variables, parallel.replicated(mesh))
   for batch in batches:
     update = parallel.local_copy(step_fn(variables, parallel.to_global(batch, sharding)))
     collection = update if collection is None else collection.merge(update)
