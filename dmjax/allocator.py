@@ -28,6 +28,7 @@ import importlib.metadata
 import os
 import sys
 import sysconfig
+from collections.abc import Mapping
 
 ENV = "DMJAX_ALLOCATOR"
 # Set on the re-executed process, so that a library the loader would not preload (a wrong path,
@@ -42,13 +43,18 @@ class Allocator:
   library: str
   # Where it is found besides the system's library folders: a distribution and a path in it.
   wheel: tuple[str, str] | None = None
+  # Its settings (environment variables) unless the user gave their own: keep freed memory
+  # instead of handing it back to the kernel after a delay, which only brings back the faults.
+  settings: tuple[tuple[str, str], ...] = ()
 
 
 # In order of preference, as measured on the default run (docs/benchmarks.md, "The allocator").
 PREFERENCE = (
-    Allocator("mimalloc", "libmimalloc", wheel=("cmeel-mimalloc", "cmeel.prefix/lib")),
+    Allocator("mimalloc", "libmimalloc", wheel=("cmeel-mimalloc", "cmeel.prefix/lib"),
+              settings=(("MIMALLOC_PURGE_DELAY", "-1"),)),
     Allocator("tcmalloc", "libtcmalloc"),
-    Allocator("jemalloc", "libjemalloc"),
+    Allocator("jemalloc", "libjemalloc",
+              settings=(("MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1"),)),
 )
 _BY_NAME = {allocator.name: allocator for allocator in PREFERENCE}
 
@@ -107,6 +113,16 @@ def choose(setting: str | None) -> str | None:
                        f"{', '.join(_BY_NAME)}, or the path of a shared library")
 
 
+def preload_environment(path: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+  """The variables that preload the library at `path` into a process started with `environ`,
+  with its allocator's settings where `environ` does not set them already."""
+  env = {"LD_PRELOAD": ":".join(p for p in (path, environ.get("LD_PRELOAD")) if p)}
+  for allocator in PREFERENCE:
+    if os.path.basename(path).startswith(allocator.library):
+      env.update((k, v) for k, v in allocator.settings if k not in environ)
+  return env
+
+
 def running() -> str:
   """The allocator this process runs under: a name from PREFERENCE, the file name of the library
   DMJAX_ALLOCATOR gave, or 'system'."""
@@ -145,8 +161,7 @@ def run_command() -> None:
     raise SystemExit(f"error: {e}") from None
   if path is None:
     return
-  env = dict(os.environ, **{_REEXECUTED_ENV: path})
-  env["LD_PRELOAD"] = ":".join(p for p in (path, os.environ.get("LD_PRELOAD")) if p)
+  env = dict(os.environ, **preload_environment(path), **{_REEXECUTED_ENV: path})
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
