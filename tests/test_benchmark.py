@@ -146,3 +146,24 @@ def test_video_and_serve_rows_measure_the_commands_paths():
   assert video["frames"] == 4 and (video["width"], video["height"]) == (48, 32)
   assert video["images_per_sec"] == video["frames_per_second"] > 0
   assert serve["concurrency"] == 2 and serve["requests"] > 0 and serve["requests_per_s"] > 0
+
+
+def test_serve_sizes_row_compiles_nothing_after_the_warm_up():
+  from dmjax import benchmark
+  from dmjax import config as config_lib
+  from dmjax.benchmark import inference_rows
+
+  config = config_lib.base_config()
+  config.data.resolution = 32
+  settings = benchmark.Settings(what=["serve_sizes"], sizes_requests=4, sizes_count=2,
+                                sizes_min_side=40, sizes_max_side=90, sizes_clients=2,
+                                sizes_batch=1)
+  (row,) = benchmark.run(config, settings, "base")
+  assert set(COMMON_FIELDS) <= set(row)
+  assert (row["requests"], row["answered"], row["failed"], row["distinct_sizes"]) == (4, 4, 0, 2)
+  assert row["compiled_after_warm_up"] == row["programs_after_warm_up"] == 0
+  assert 0 < row["latency_p50_s"] <= row["latency_p99_s"] <= row["latency_max_s"]
+  assert row["requests_per_s"] > 0 and row["process_peak_rss_mb"] > 0
+  sizes = inference_rows.photo_sizes(50, 240, 4000)
+  assert len(set(sizes)) == 50 and all(240 <= side <= 4000 for size in sizes for side in size)
+  assert sizes == inference_rows.photo_sizes(50, 240, 4000)  # Seeded.

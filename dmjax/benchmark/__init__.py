@@ -62,6 +62,11 @@ flag is a field of `Settings`, so the same rows come from Python:
              from each of `--serve_clients` concurrent clients for `--seconds`: requests/s,
              median and 90th-percentile latency, pairs per model call, after every batch shape
              is compiled (dmjax.inference.server.measure_served_requests)
+  serve_sizes  the same server warmed up as `serve --warm_up` does, then `--sizes_requests`
+             requests from `--sizes_clients` clients, JPEG pairs of `--sizes_count` sizes (each
+             side in `--sizes_min_side`..`--sizes_max_side`, seeded) asking for the mask PNG:
+             p50/p99 latency, requests/s, programs compiled after the warm-up (should be 0),
+             the process's peak RSS (server and clients)
   render     the synthetic renderer alone at 80 and 192 px: `images_per_sec` once the example's
              room is rendered (what a long build mostly does), `cold_images_per_sec` when every
              example needs a new room
@@ -94,6 +99,7 @@ MEASUREMENTS: dict[str, Callable[[ml_collections.ConfigDict, Settings], Iterable
     "macs": inference_rows.measure_macs,
     "video": inference_rows.measure_video,
     "serve": inference_rows.measure_serve,
+    "serve_sizes": inference_rows.measure_serve_sizes,
 }
 
 

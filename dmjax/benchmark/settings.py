@@ -54,6 +54,12 @@ class Settings:
   video_batch: int = _setting(8, "Frames per model call in the `video` row.")
   serve_size: int = _setting(256, "Side of the photo pairs the `serve` row posts.")
   serve_clients: list[str] = _setting(["1", "8"], "Concurrent clients of the `serve` row.")
+  sizes_requests: int = _setting(200, "Requests of the `serve_sizes` row.")
+  sizes_clients: int = _setting(8, "Concurrent clients of the `serve_sizes` row.")
+  sizes_count: int = _setting(50, "Distinct photo sizes of the `serve_sizes` row's requests.")
+  sizes_min_side: int = _setting(240, "Shortest side of the `serve_sizes` row's photos.")
+  sizes_max_side: int = _setting(4000, "Longest side of the `serve_sizes` row's photos.")
+  sizes_batch: int = _setting(8, "The `serve_sizes` row's server's --batch_size.")
   workdir: str | None = _setting(None, "`photo`, `video` and `serve` rows: a trained run's latest "
                                  "checkpoint instead of the config's model at initialisation.")
   seconds: float = _setting(10.0, "Time per pipeline, render and serve measurement, after "
