@@ -4,6 +4,7 @@ Nothing here asserts a speed: the host is shared, so only the fields and their s
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -167,3 +168,36 @@ def test_serve_sizes_row_compiles_nothing_after_the_warm_up():
   sizes = inference_rows.photo_sizes(50, 240, 4000)
   assert len(set(sizes)) == 50 and all(240 <= side <= 4000 for size in sizes for side in size)
   assert sizes == inference_rows.photo_sizes(50, 240, 4000)  # Seeded.
+
+
+def test_run_row_reads_the_main_jobs_log_and_its_process_figures(tmp_path):
+  from dmjax.benchmark import run_rows
+
+  log = ("I1207 train.py:1] step 50/200  loss 0.9  1.10 steps/s  35 images/s  ETA 2:00\n"
+         "I1207 train.py:1] step 100/200  loss 0.8  2.00 steps/s  64 images/s  ETA 1:00\n"
+         "I1207 train.py:1] step 150/200  loss 0.7  2.20 steps/s  70 images/s  ETA 0:30\n"
+         "I1207 train.py:1] step 200/200  loss 0.6  2.40 steps/s  77 images/s  ETA 0:00\n")
+  assert run_rows.steady_steps_per_sec(log) == 2.2  # The first window (compiling) left out.
+  assert run_rows.steady_steps_per_sec("no progress") is None
+  figures = run_rows._process_figures(os.getpid())
+  assert figures["user_s"] > 0 and figures["minor_faults"] > 0 and figures["child_peak_rss_mb"] > 0
+  env = run_rows._environment("system", str(tmp_path))
+  assert "LD_PRELOAD" not in env and env["DMJAX_ALLOCATOR"] == "system"
+  assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path)
+
+
+@pytest.mark.slow
+def test_run_row_times_the_main_job_to_the_end_of_its_training(tiny_data_config):
+  from dmjax import benchmark
+  from dmjax.benchmark import run_rows
+
+  config = tiny_data_config.copy_and_resolve_references()
+  config.log_every_steps = 1
+  settings = benchmark.Settings(what=["run"], run_steps=3, run_allocators=["system"])
+  (row,) = benchmark.run(config, settings, "tiny")
+  assert set(COMMON_FIELDS) <= set(row)
+  assert (row["allocator"], row["source"], row["steps"]) == ("system", "installed", 3)
+  assert row["steps_per_sec"] > 0 and row["images_per_sec"] == pytest.approx(
+      row["steps_per_sec"] * config.batch_size, rel=0.01)
+  assert 0 < row["system_s"] < row["user_s"] + row["system_s"] and row["minor_faults"] > 0
+  assert run_rows.run_config(config, 3).num_train_steps == 3

@@ -67,6 +67,12 @@ flag is a field of `Settings`, so the same rows come from Python:
              side in `--sizes_min_side`..`--sizes_max_side`, seeded) asking for the mask PNG:
              p50/p99 latency, requests/s, programs compiled after the warm-up (should be 0),
              the process's peak RSS (server and clients)
+  run        the main job itself (`python -m dmjax.main`, a child process per row) for
+             `--run_steps` with no evaluation or checkpoint before the end, under each of
+             `--run_allocators` (dmjax.allocator) and from each of `--run_sources` (another
+             checkout's code beside this one): steady steps/s from its log, wall time, user and
+             system CPU seconds, minor page faults and peak RSS up to the end of training
+             (/proc), in `--run_rounds` interleaved rounds
   render     the synthetic renderer alone at 80 and 192 px: `images_per_sec` once the example's
              room is rendered (what a long build mostly does), `cold_images_per_sec` when every
              example needs a new room
@@ -84,7 +90,7 @@ import jax
 import ml_collections
 
 from dmjax import errors
-from dmjax.benchmark import inference_rows, timing, training
+from dmjax.benchmark import inference_rows, run_rows, timing, training
 from dmjax.benchmark.settings import Settings
 
 MEASUREMENTS: dict[str, Callable[[ml_collections.ConfigDict, Settings], Iterable[timing.Row]]] = {
@@ -95,6 +101,7 @@ MEASUREMENTS: dict[str, Callable[[ml_collections.ConfigDict, Settings], Iterable
     "augment": training.measure_augment,
     "max_batch": training.measure_max_batch,
     "render": training.measure_render,
+    "run": run_rows.measure_run,
     "photo": inference_rows.measure_photo,
     "macs": inference_rows.measure_macs,
     "video": inference_rows.measure_video,

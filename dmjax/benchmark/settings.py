@@ -64,5 +64,12 @@ class Settings:
                                  "checkpoint instead of the config's model at initialisation.")
   seconds: float = _setting(10.0, "Time per pipeline, render and serve measurement, after "
                             "warm-up (or --max_batches first).")
+  run_steps: int = _setting(200, "Training steps of each `run` row's main job.")
+  run_allocators: list[str] = _setting(["system", "auto"], "Allocators of the `run` rows "
+                                       "(DMJAX_ALLOCATOR values, dmjax.allocator).")
+  run_sources: list[str] = _setting([""], "Source trees of the `run` rows: '' = the installed "
+                                    "dmjax, or a folder holding another checkout's dmjax/ (e.g. "
+                                    "a `git worktree` of an earlier commit).")
+  run_rounds: int = _setting(1, "Interleaved rounds of the `run` rows.")
   max_batches: int = _setting(400, "Most batches per pipeline measurement.")
   warmup_batches: int = _setting(5, "Batches not timed (worker start-up, first reads).")
