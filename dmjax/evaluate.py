@@ -98,6 +98,8 @@ def evaluate_split(f: flags.FlagValues) -> None:
       tfds_dir=f.tfds_dir, batch_size=f.batch_size, num_kept=f.num_kept, rank_by=f.rank_by)
   output, sheet_path = split_lib.write_outputs(result, f.workdir, f.output)
   model_keys = [k for k in result.metrics if not k.startswith("baseline_")]
+  for note in result.notes():  # Other data than the run trained on, and which.
+    print(f"Note: {note}.")
   print(f"{f.workdir} step {result.step}, {result.split} split, "
         f"{result.tally.num_seen} examples:")
   print(metrics_lib.format_table(result.metrics, keys=model_keys))

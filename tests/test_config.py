@@ -292,7 +292,7 @@ def test_a_renamed_saved_config_names_the_same_built_dataset(tmp_path):
   today = config_lib.base_config()
   today.data.update(source="original", dir=root, tfds_dir=str(tmp_path / "tfds"))
   today.data.original_layout.split_seed = 7
-  original_layout.folder_fingerprint.cache_clear()
+  original_layout.scan.cache_clear()
   source = sources.get_source(config)
   assert source.name == sources.get_source(today).name
   assert source.name.startswith("dmjax_seed/image_t30_s7_")  # Its directory before the rename.

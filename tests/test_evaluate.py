@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 from PIL import Image
-from test_original_layout import layout_files, write_folders
+from test_original_layout import add_composites, layout_files, write_folders
 
-from dmjax import evaluate, inference
+from dmjax import checkpoints, evaluate, inference
 from dmjax.evaluation import metrics
 
 
@@ -130,8 +130,11 @@ def test_evaluate_on_the_original_layout(trained, tmp_path):
                  "--rank_by=mask_boundary_f"])
   saved = read_json(output)
   assert saved["data"] == "original" and saved["data_dir"] == root
-  assert saved["num_examples"] == 4  # 30% of the 12 composites.
+  assert saved["num_examples"] == 3  # Of the 12 composites, those whose name's hash says test.
   assert all(np.isfinite(v) for v in saved["metrics"].values())
+  change = saved["data_change"]  # Not the run's synthetic scenes, as asked.
+  assert change["trained_on"].startswith("dmjax_synthetic/") and change["new"] is None
+  assert change["evaluated"] == saved["dataset"] and saved["dataset"].startswith("dmjax_seed/")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -225,3 +228,75 @@ def test_evaluation_places_the_parameters_on_the_mesh_once():
   assert all(isinstance(leaf, jax.Array) and leaf.sharding == parallel.replicated(mesh)
              for leaf in leaves), leaves
   assert all(placed is received[0] for placed in received)  # Placed once, not per batch.
+
+
+def original_layout_run(untrained_workdir, root, tfds_dir, workdir):
+  """A run on the original layout at `root`, saved as training saves it (the untrained tiny
+  model, its config, the training stream's state), at step 1; returns its config."""
+  from dmjax.data import pipeline
+
+  saved_config, variables, _ = checkpoints.restore_model(untrained_workdir)
+  config = saved_config.copy_and_resolve_references()
+  config.data.update(source="original", dir=str(root), tfds_dir=str(tfds_dir))
+  pipeline.prepare(config)
+  manager = checkpoints.create_manager(str(workdir), async_save=False)
+  checkpoints.save(manager, 1, model=variables, config=config,
+                   data_iterator=pipeline.create_train_iterator(config), force=True)
+  manager.close()
+  return config
+
+
+def test_evaluate_says_which_composites_are_new_since_the_run_trained(
+    untrained_workdir, tmp_path, capsys):
+  root = write_folders(tmp_path / "cats", layout_files())
+  workdir = tmp_path / "run"
+  original_layout_run(untrained_workdir, root, tmp_path / "tfds", workdir)
+  new = add_composites(root, fg=3)  # Photos added after training.
+  output = tmp_path / "eval.json"
+  evaluate.main([f"--workdir={workdir}", f"--output={output}", "--num_kept=0"])
+  change = read_json(output)["data_change"]
+  assert change["new"] == sorted(new) and change["gone"] == 0
+  assert set(change["new_in_split"]) < set(new) and change["new_in_split"]
+  assert change["trained_in_split"] == 0  # No training composite of the run is a test one now.
+  assert read_json(output)["num_examples"] == 3 + len(change["new_in_split"])
+  notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Note:")]
+  assert len(notes) == 1
+  assert (f"6 composite(s) new, {len(change['new_in_split'])} of them in the test split "
+          f"({change['new_in_split'][0]}") in notes[0]
+  assert notes[0].endswith("none of the test split's composites was a training composite of "
+                           "the run.")
+
+
+def test_a_run_split_before_splits_by_name_is_evaluated_on_its_own_built_data(
+    untrained_workdir, tmp_path, capsys):
+  # A run of before: its checkpoint names a dataset without the `k` of those named by their
+  # composites, built then (here: today's build, moved to that name, without the composite
+  # lists, which such builds lack).
+  root = write_folders(tmp_path / "cats", layout_files())
+  workdir, tfds_dir = tmp_path / "run", tmp_path / "tfds"
+  config = original_layout_run(untrained_workdir, root, tfds_dir, workdir)
+  from dmjax.data import sources
+
+  built = sources.get_source(config).builder.data_dir
+  legacy = "image_t30_s0_0123456789"
+  shutil.move(os.path.dirname(built), tfds_dir / "dmjax_seed" / legacy)
+  os.remove(tfds_dir / "dmjax_seed" / legacy / os.path.basename(built) / "metadata.json")
+  (state_file,) = glob.glob(f"{workdir}/checkpoints/1/data/process_0-of-1.json")
+  state = read_json(state_file)
+  state["dataset"] = f"dmjax_seed/{legacy}"
+  with open(state_file, "w") as f:
+    json.dump(state, f)
+  add_composites(root, fg=3)  # Today's folder would be split another way.
+
+  output = tmp_path / "eval.json"
+  evaluate.main([f"--workdir={workdir}", f"--output={output}", "--num_kept=0"])
+  saved = read_json(output)
+  assert saved["dataset"] == f"dmjax_seed/{legacy}" and saved["num_examples"] == 3
+  assert "data_change" not in saved
+  assert f"Note: evaluating dmjax_seed/{legacy}, the data this run trained on" in (
+      capsys.readouterr().out)
+  # Without that build, the folder as it is now is refused in one line.
+  shutil.rmtree(tfds_dir / "dmjax_seed" / legacy)
+  with pytest.raises(SystemExit, match=f"^error: this run trained on dmjax_seed/{legacy}, whose "
+                     "split was drawn before splits were drawn by name, and it is not built in "):
+    evaluate.main([f"--workdir={workdir}", f"--output={output}", "--num_kept=0"])

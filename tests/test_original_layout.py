@@ -221,6 +221,23 @@ def test_depth_values_that_do_not_fit_16_bits_are_refused(what, folder_root):
     np.testing.assert_array_equal(layout.load(composite)["depth"][..., 0], codes)
 
 
+def test_a_decompression_bomb_is_a_bad_example(folder_root, monkeypatch):
+  # Pillow's bound scaled down: the 24-px images pass, a 40-px mask (1,600 pixels) is a bomb.
+  # Its error is not an OSError, and used to escape skip_bad with a traceback.
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)
+  bomb = composite_name(3, 1, 0, "mask")
+  with open(os.path.join(folder_root, "mask", bomb), "wb") as f:
+    f.write(jpeg(np.zeros((40, 40), np.uint8)))
+  with original_layout.OriginalLayout(folder_root, layout_config()) as layout:
+    with pytest.raises(ValueError, match=f"{bomb}.*skip_bad") as raised:
+      list(layout.encoded_examples(layout.composites))
+    assert "\n" not in str(raised.value)
+  with original_layout.OriginalLayout(folder_root, layout_config(skip_bad=True)) as layout:
+    kept = [c.key for c, _ in layout.encoded_examples(layout.composites)]
+    assert len(kept) == NUM_COMPOSITES - 1 and composite_name(3, 1, 0) not in kept
+    assert [os.path.basename(file) for file, _ in layout.skipped] == [composite_name(3, 1, 0)]
+
+
 def rewrite_zip_member(path, member, data, compression=zipfile.ZIP_DEFLATED):
   """`path` again with `member`'s bytes replaced."""
   with zipfile.ZipFile(path) as archive:
@@ -275,7 +292,7 @@ def test_image_split_is_reproducible_and_disjoint(folder_root):
   again = original_layout.split_composites(composites, "image", 0.3, seed=0)
   assert split == again
   train, test = ({c.key for c in split[s]} for s in ("train", "test"))
-  assert len(test) == round(NUM_COMPOSITES * 0.3) and not train & test
+  assert test and train and not train & test
   assert train | test == {c.key for c in composites}
   others = [{c.key for c in
              original_layout.split_composites(composites, "image", 0.3, seed=s)["test"]}
@@ -283,6 +300,38 @@ def test_image_split_is_reproducible_and_disjoint(folder_root):
   assert any(other != test for other in others)
   # Image-level: the test set shares backgrounds with training (the original's leak).
   assert {c.bg_index for c in split["test"]} & {c.bg_index for c in split["train"]}
+
+
+def fake_composites(indices, folder="data"):
+  """Composites by name only (nothing is read), composite i on background i % 10, or for i from
+  1000 on one of 3 more backgrounds; files under `folder`."""
+  def ref(path):
+    return original_layout.FileRef(f"/{folder}/{path}")
+
+  composites = []
+  for i in indices:
+    bg = i % 10 if i < 1000 else 10 + i % 3
+    composites.append(original_layout.Composite(
+        key=composite_name(bg + 1, i, 0), bg_index=bg, fg_bg=ref(f"bg_fg/{i}.jpg"),
+        mask=ref(f"mask/{i}.jpg"), depth=ref(f"depth/{i}.jpg"), bg=ref(f"bg/{bg:03d}.jpg")))
+  return composites
+
+
+@pytest.mark.parametrize("kind", original_layout.SPLIT_KINDS)
+def test_a_composite_keeps_its_split_when_files_are_added_moved_or_copied(kind):
+  before = original_layout.split_composites(fake_composites(range(1000)), kind, 0.3, seed=0)
+  # 100 composites more (on 3 new backgrounds and the old ones), every file somewhere else.
+  after = original_layout.split_composites(fake_composites(range(1100), folder="copy"), kind,
+                                           0.3, seed=0)
+  split_of = {c.key: name for name, split in after.items() for c in split}
+  for name, split in before.items():
+    assert {split_of[c.key] for c in split} == {name}
+    # And in the same order: the first N test composites stay a sample of the old ones.
+    keys = {c.key for c in split}
+    assert [c.key for c in after[name] if c.key in keys] == [c.key for c in split]
+  if kind == "image":
+    test_fraction = len(before["test"]) / 1000
+    assert 0.25 < test_fraction < 0.35, test_fraction  # 0.3 on average: by hash, not by count.
 
 
 def test_background_split_holds_out_whole_backgrounds(folder_root):
@@ -326,12 +375,16 @@ def test_tfds_dataset_built_from_the_layout_reads_back(kind, tmp_path):
   root = WRITERS[kind](tmp_path / "seed", files)
   config = original_config(root, tmp_path / "tfds")
   pipeline.prepare(config)
-  assert pipeline.num_examples(config, "train") == 8
-  assert pipeline.num_examples(config, "test") == 4
 
   with original_layout.OriginalLayout(root, config.data.original_layout) as layout:
-    expected = original_layout.split_composites(layout.composites, "image", 0.3, seed=0)["test"]
+    splits = original_layout.split_composites(layout.composites, "image", 0.3, seed=0)
+    expected = splits["test"]
     source = sources.get_source(config)
+    # Each split's composites, in order, recorded with the dataset.
+    assert tfds_builder.built_composites(source.builder) == {
+        name: [c.key for c in split] for name, split in splits.items()}
+    assert pipeline.num_examples(config, "train") == len(splits["train"]) == 9
+    assert pipeline.num_examples(config, "test") == len(expected) == 3
     data_source = source.builder.as_data_source("test", decoders=tfds_builder.RAW_DECODERS)
     for index, composite in enumerate(expected):
       raw = data_source[index]
@@ -342,19 +395,23 @@ def test_tfds_dataset_built_from_the_layout_reads_back(kind, tmp_path):
 
   batch = next(pipeline.create_eval_batches(config, "test"))
   assert batch["fg_bg"].shape == (4, 16, 16, 3) and batch["depth"].shape == (4, 16, 16, 1)
+  assert list(batch["example_weight"]) == [1, 1, 1, 0]
   stored = next(pipeline.create_train_iterator(config))["mask"]  # The step resizes it.
   assert stored.shape == (32, SIZE, SIZE, 1) and stored.dtype == np.uint8
 
 
 def dataset_name(config):
-  original_layout.folder_fingerprint.cache_clear()  # What a new process would see.
+  original_layout.scan.cache_clear()  # What a new process would see.
   return sources.get_source(config).name
 
 
 def test_dataset_names_keep_settings_apart(tmp_path):
-  a, b = (write_folders(tmp_path / name, layout_files()) for name in "ab")
+  a = write_folders(tmp_path / "a", layout_files())
+  b = write_folders(tmp_path / "b", layout_files())
+  os.remove(os.path.join(b, "bg_fg", composite_name(3, 2, 1)))  # One composite fewer.
   settings = [(a, {}), (b, {}), (a, {"split": "background"}), (a, {"test_fraction": 0.25}),
-              (a, {"mask_pattern": "m_{bg}_{fg}_{i}.png"}), (a, {"split_seed": 1})]
+              (a, {"mask_dir": "depth", "mask_pattern": "densedepth_b{bg}_f{fg}_{i}.jpg"}),
+              (a, {"split_seed": 1})]
   names = {dataset_name(original_config(d, tmp_path, **o)) for d, o in settings}
   assert len(names) == 6
 
@@ -372,29 +429,70 @@ def test_the_training_seed_keeps_the_split_and_the_built_dataset(folder_root, tm
     assert test_keys == sorted(layout.read_bytes(c.fg_bg) for c in expected)
 
 
-def test_dataset_name_follows_the_folder_and_its_changes(tmp_path, monkeypatch):
-  # The same relative path from two working directories: two folders, two datasets.
-  for place in ("here", "there"):
-    write_folders(tmp_path / place / "seed", layout_files())
+def test_dataset_name_follows_the_composites_not_the_folder(tmp_path, monkeypatch):
+  config = original_config(write_folders(tmp_path / "here" / "seed", layout_files()),
+                           tmp_path / "tfds")
+  name = dataset_name(config)
+  # The same composites elsewhere: a copy, another node's own copy as zips, a relative path.
+  copy = write_folders(tmp_path / "copy", layout_files())
+  zips = write_zips(tmp_path / "zips", layout_files())
   monkeypatch.chdir(tmp_path / "here")
-  here = dataset_name(original_config("seed", tmp_path / "tfds"))
-  monkeypatch.chdir(tmp_path / "there")
-  config = original_config("seed", tmp_path / "tfds")
-  assert dataset_name(config) != here
-  # The folder changed between runs: a file added, or one rewritten (newer modification time).
-  before = dataset_name(config)
-  extra = tmp_path / "there" / "seed" / "bg" / "zoo.jpg"
-  extra.write_bytes(layout_files()["bg"]["attic.jpg"])
+  for data_dir in (copy, zips, "seed"):
+    assert dataset_name(copy_config(config, data_dir)) == name, data_dir
+  # A file rewritten (a newer time), or something beside the four folders: the same composites.
+  mask = sorted(glob.glob(str(tmp_path / "here" / "seed" / "mask" / "*")))[0]
+  os.utime(mask, ns=(2 * 10**18, 2 * 10**18))
+  (tmp_path / "here" / "seed" / "notes.txt").write_text("not part of the layout")
+  assert dataset_name(config) == name
+  # A composite added, or one gone: another dataset.
+  add_composites(config.data.dir, fg=3)
   added = dataset_name(config)
-  assert added != before
-  newest = max(os.stat(p).st_mtime_ns for p in glob.glob(str(tmp_path / "there/seed/*/*")))
-  mask = sorted(glob.glob(str(tmp_path / "there" / "seed" / "mask" / "*")))[0]
-  os.utime(mask, ns=(newest + 10**9, newest + 10**9))
-  rewritten = dataset_name(config)
-  assert rewritten not in (before, added)
-  # Something beside the four folders (say, the built dataset itself) changes nothing.
-  (tmp_path / "there" / "seed" / "notes.txt").write_text("not part of the layout")
-  assert dataset_name(config) == rewritten
+  os.remove(os.path.join(config.data.dir, "bg_fg", composite_name(1, 1, 0)))
+  assert len({name, added, dataset_name(config)}) == 3
+
+
+def copy_config(config, data_dir):
+  config = config.copy_and_resolve_references()
+  config.data.dir = str(data_dir)
+  return config
+
+
+def add_composites(root, fg):
+  """Object `fg` at both placements over every background, in a folder layout: 6 composites,
+  copies of object 1's files; returns their names."""
+  files = layout_files()
+  for bg in range(1, len(BACKGROUNDS) + 1):
+    for i in range(NUM_PLACEMENTS):
+      for folder, prefix in (("bg_fg", "bgfg"), ("mask", "mask"), ("depth", "densedepth")):
+        with open(os.path.join(root, folder, composite_name(bg, fg, i, prefix)), "wb") as f:
+          f.write(files[folder][composite_name(bg, 1, i, prefix)])
+  return [composite_name(bg, fg, i) for bg in range(1, len(BACKGROUNDS) + 1)
+          for i in range(NUM_PLACEMENTS)]
+
+
+def test_a_copy_of_the_data_continues_the_training_stream(tmp_path):
+  config = original_config(write_folders(tmp_path / "seed", layout_files()), tmp_path / "tfds")
+  pipeline.prepare(config)
+  iterator = pipeline.create_train_iterator(config)
+  next(iterator)
+  state = iterator.get_state()
+  # Another node, with its own copy of the folder (new file times) and of the built data.
+  node = tmp_path / "node2"
+  shutil.copytree(tmp_path / "seed", node / "seed", copy_function=shutil.copy)
+  shutil.copytree(tmp_path / "tfds", node / "tfds")
+  other = original_config(node / "seed", node / "tfds")
+  original_layout.scan.cache_clear()
+  pipeline.prepare(other)
+  resumed = pipeline.create_train_iterator(other)
+  resumed.set_state(state)
+  np.testing.assert_array_equal(next(resumed)["fg_bg"], next(iterator)["fg_bg"])
+  # A composite added there: another dataset, refused with what to do.
+  add_composites(node / "seed", fg=3)
+  original_layout.scan.cache_clear()
+  pipeline.prepare(other)
+  with pytest.raises(ValueError, match="different stream .*composites are not those the run "
+                     "trained on"):
+    pipeline.create_train_iterator(other).set_state(state)
 
 
 def test_building_refuses_a_bad_layout(folder_root, tmp_path):

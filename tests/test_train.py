@@ -290,9 +290,13 @@ def test_evaluations_reuse_one_compiled_model_and_logging_fetches_once_per_windo
   monkeypatch.setattr(jax, "device_get", counting_device_get)
 
   writer = RecordingWriter()
+  # A data folder given relative to the working directory (unused by the synthetic source).
+  monkeypatch.chdir(tmp_path)
   config = tiny(tiny_data_config, num_train_steps=4, log_every_steps=2, eval_every_steps=1,
-                checkpoint_every_steps=0)
+                checkpoint_every_steps=0, **{"data.dir": "photos"})
   train.train_and_evaluate(config, str(tmp_path), writer=writer)
+  # Saved absolute: the tools that read the run find it from any working directory.
+  assert checkpoints.restore_model(str(tmp_path))[0].data.dir == str(tmp_path / "photos")
   assert sorted(writer.images) == [1, 2, 3, 4]  # Four evaluations, each with example images.
   # Traced once by the evaluation step and once by the example images, both jitted.
   assert calls == [True, True]

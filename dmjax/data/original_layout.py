@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import io
+import json
 import os
 import re
 import zipfile
@@ -266,10 +268,16 @@ class OriginalLayout:
 
 def split_composites(composites: Sequence[Composite], kind: str, test_fraction: float,
                      seed: int) -> dict[str, list[Composite]]:
-  """Splits into train and test, each in a seeded random order (so any prefix is a sample).
+  """Splits into train and test, each ordered by a seeded hash of the composites' names (so any
+  prefix is a sample).
 
-  kind="image": the original's split, composites drawn at random (test shares backgrounds and
-  cut-outs with train); kind="background": whole backgrounds held out.
+  kind="image": the original's split, each composite drawn by a hash of its name (test shares
+  backgrounds and cut-outs with train); kind="background": whole backgrounds held out, each by a
+  hash of its file name. A composite's split depends on its own name (or its background's), the
+  seed and the fraction, not on the other files: adding, moving or copying files moves no
+  composite from one split to the other. So the fraction is met on average, not exactly; only a
+  split that would leave a side empty takes the one unit (composite or background) whose hash
+  is nearest that side.
   """
   if kind not in SPLIT_KINDS:
     raise errors.UserError(f"config.data.original_layout.split={kind!r}: expected one of "
@@ -277,39 +285,44 @@ def split_composites(composites: Sequence[Composite], kind: str, test_fraction: 
   if not 0.0 < test_fraction < 1.0:
     raise errors.UserError(f"config.data.original_layout.test_fraction={test_fraction}: expected "
                            "a value strictly between 0 and 1")
-  rng = np.random.default_rng(seed)
-  ordered = [composites[i] for i in rng.permutation(len(composites))]
-  if kind == "image":
-    num_test = min(max(round(len(ordered) * test_fraction), 1), len(ordered) - 1)
-    return {"train": ordered[num_test:], "test": ordered[:num_test]}
-  backgrounds = sorted({c.bg_index for c in composites})
-  if len(backgrounds) < 2:
+  def unit(composite: Composite) -> str:
+    return composite.key if kind == "image" else composite.bg.name
+
+  key_hashes = {c.key: _unit_hash(seed, c.key) for c in composites}
+  hashes = key_hashes if kind == "image" else {c.bg.name: _unit_hash(seed, c.bg.name)
+                                               for c in composites}
+  if kind == "background" and len(hashes) < 2:
     raise errors.UserError(f"split=background needs at least 2 backgrounds in use, got "
-                           f"{len(backgrounds)}")
-  num_test = min(max(round(len(backgrounds) * test_fraction), 1), len(backgrounds) - 1)
-  held_out = {backgrounds[i] for i in rng.permutation(len(backgrounds))[:num_test]}
-  return {"train": [c for c in ordered if c.bg_index not in held_out],
-          "test": [c for c in ordered if c.bg_index in held_out]}
+                           f"{len(hashes)}")
+  held_out = {name for name, value in hashes.items() if value < test_fraction}
+  if len(hashes) >= 2 and not held_out:
+    held_out = {min(hashes, key=hashes.get)}
+  if len(hashes) >= 2 and len(held_out) == len(hashes):
+    held_out.discard(max(hashes, key=hashes.get))
+  ordered = sorted(composites, key=lambda c: (key_hashes[c.key], c.key))
+  return {"train": [c for c in ordered if unit(c) not in held_out],
+          "test": [c for c in ordered if unit(c) in held_out]}
+
+
+def _unit_hash(seed: int, name: str) -> float:
+  """A number in [0, 1) drawn from `name` alone (and the seed): the same on every machine."""
+  digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+  return int.from_bytes(digest[:8], "big") / 2**64
 
 
 @functools.lru_cache(maxsize=16)
-def folder_fingerprint(root: str, folder_names: tuple[str, ...]) -> str:
-  """`COUNT_BYTES_NEWEST` over the files a layout at `root` can read (the named folders' files
-  and the zips at the top, or `root` itself if it is a zip): changes when files are added,
-  removed, resized or rewritten. Computed once per process (a stat per file: 400k of them)."""
-  if os.path.isfile(root):
-    paths = [root]
-  elif os.path.isdir(root):
-    paths = [os.path.join(root, f) for f in os.listdir(root) if f.endswith(".zip")]
-    for name in folder_names:
-      folder = os.path.join(root, name)
-      if os.path.isdir(folder):
-        paths.extend(os.path.join(folder, f) for f in os.listdir(folder) if not f.startswith("."))
-  else:
-    raise errors.UserError(f"config.data.dir={root!r} does not exist")
-  stats = [os.stat(path) for path in paths if os.path.isfile(path)]
-  newest = max((stat.st_mtime_ns for stat in stats), default=0)
-  return f"{len(stats)}_{sum(stat.st_size for stat in stats)}_{newest}"
+def scan(root: str, layout_json: str) -> tuple[tuple[str, str], ...]:
+  """(composite name, background file name) of each composite the layout (a
+  `config.data.original_layout` as JSON) pairs at `root`, in name order: what a dataset is,
+  whichever folder or zips hold it and whenever they were written. Computed once per process
+  (it lists every folder: 400k names)."""
+  with OriginalLayout(root, ml_collections.ConfigDict(json.loads(layout_json))) as layout:
+    return tuple((c.key, c.bg.name) for c in layout.composites)
+
+
+def composites_digest(names: Sequence[tuple[str, str]]) -> str:
+  """A short hash of `scan`'s names: equal for the same composites on the same backgrounds."""
+  return hashlib.sha256("\n".join(f"{key}\t{bg}" for key, bg in names).encode()).hexdigest()[:10]
 
 
 def encode_png(array: np.ndarray) -> bytes:

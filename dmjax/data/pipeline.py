@@ -476,7 +476,9 @@ class TrainIterator:
     if differing:
       shown = ", ".join(f"{k}: saved {saved!r}, now {now!r}" for k, (saved, now) in
                         differing.items())
-      raise errors.UserError(f"the saved data iterator state is for a different stream ({shown})")
+      hint = _dataset_hint(str(restored.get("dataset"))) if "dataset" in differing else ""
+      raise errors.UserError(f"the saved data iterator state is for a different stream ({shown})"
+                             + hint)
     self.close()
     self._next_batch = int(restored["next_batch"])
 
@@ -494,6 +496,18 @@ class TrainIterator:
     if self._iterator is not None:
       self._iterator.close()
       self._iterator = None
+
+
+def _dataset_hint(saved_dataset: str) -> str:
+  """What to do when a run's original-layout dataset is not today's."""
+  builder, _, name = saved_dataset.partition("/")
+  if builder != tfds_builder.DmjaxOriginal.name:
+    return ""
+  if tfds_builder.is_named_by_composites(name):
+    return ("; the folder's composites are not those the run trained on: bring them back, or "
+            "start a new run from this one with --config.init_from=WORKDIR")
+  return ("; the run trained before the original layout's splits were drawn by name and cannot "
+          "continue on today's split: start a new run from it with --config.init_from=WORKDIR")
 
 
 def _built_source(config: ml_collections.ConfigDict, split: str) -> sources.Source:

@@ -7,9 +7,12 @@ decode with `decode_example`, because TFDS decodes uint16 PNGs with NumPy only t
 PIL also makes the decoded pixels the same on every machine.
 
 Config names encode every setting that changes the data, so different settings never share a
-directory: `dmjax_synthetic/r80_n12000_t1000_s0`, `dmjax_seed/image_t30_s0_<hash of the folder
-and layout>` (the original layout's datasets keep the directory name they had when the original
-system was called "seed", so data built then is still found).
+directory: `dmjax_synthetic/r80_n12000_t1000_s0`, `dmjax_seed/image_t30_s0_k<hash of the layout
+settings and of the composites' names>` (the original layout's datasets keep the directory name
+they had when the original system was called "seed"). The original layout's name depends on the
+composites a folder holds, not on where the folder is or when its files were written: a copy,
+another node's own copy or a re-unzipped folder is the same dataset; a composite added or gone
+makes another. Names without the `k` are of datasets built before splits were drawn by name.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 
 import ml_collections
 import numpy as np
@@ -28,6 +32,7 @@ from dmjax import errors, image_decode, progress
 from dmjax.data import original_layout, schema, synthetic
 
 SPLITS = ("train", "test")
+COMPOSITES_KEY = "composites"  # In an original-layout dataset's metadata: see DmjaxOriginal.
 RAW_DECODERS = {key: tfds.decode.SkipDecoding() for key in schema.KEYS}
 
 # Below this many examples per process, starting the processes costs more than it saves.
@@ -128,7 +133,7 @@ def _render_encoded(task: tuple[str, int, int, int]) -> dict[str, bytes]:
 
 @dataclasses.dataclass
 class OriginalConfig(tfds.core.BuilderConfig):
-  """The original layout found in one folder, split one way."""
+  """The original layout's composites, split one way."""
 
   split: str = "image"
   test_fraction: float = 0.3
@@ -139,31 +144,41 @@ class OriginalConfig(tfds.core.BuilderConfig):
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> OriginalConfig:
+    """The dataset of the composites in `config.data.dir` now, or the one that
+    `config.data.original_layout.dataset_name` names (a run's own, read without the folder)."""
     data = config.data
     layout = data.original_layout
     if not data.dir:
       raise errors.UserError("config.data.source='original' needs config.data.dir: the folder (or "
                              "zip) holding the original layout")
-    layout_json = json.dumps(layout.to_dict(), sort_keys=True)
-    # The folder itself (not the path as given, which depends on the working directory) and
-    # what is in it now: another or a changed folder is another dataset.
-    where = os.path.realpath(data.dir)
-    contents = original_layout.folder_fingerprint(
-        where, tuple(layout[key] for key in original_layout.FOLDER_KEYS))
-    digest = hashlib.sha256(f"{where}\n{contents}\n{layout_json}".encode()).hexdigest()[:10]
+    settings = {k: v for k, v in layout.to_dict().items() if k != "dataset_name"}
+    layout_json = json.dumps(settings, sort_keys=True)
     fraction = f"{layout.test_fraction * 100:g}".replace(".", "p")
     # Configs saved before `split_seed` existed split with the training seed.
     split_seed = int(layout.get("split_seed", config.seed))
-    return cls(name=f"{layout.split}_t{fraction}_s{split_seed}_{digest}",
-               split=layout.split, test_fraction=float(layout.test_fraction),
-               split_seed=split_seed,
-               layout_json=layout_json,
+    where = os.path.realpath(data.dir)
+    name = layout.get("dataset_name", "") or (
+        f"{layout.split}_t{fraction}_s{split_seed}"
+        f"_k{layout_digest(layout_json, original_layout.scan(where, layout_json))}")
+    return cls(name=name, split=layout.split, test_fraction=float(layout.test_fraction),
+               split_seed=split_seed, layout_json=layout_json,
                root_name=os.path.basename(where) if os.path.isfile(where) else "",
-               description=f"The original layout in {where}, split by {layout.split}.")
+               description=f"The original layout, split by {layout.split}.")
 
   @property
   def layout(self) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(self.layout_json))
+
+
+def layout_digest(layout_json: str, names) -> str:
+  """The `k` part of an original-layout dataset's name: its layout settings and composites."""
+  composites = original_layout.composites_digest(names)
+  return hashlib.sha256(f"{layout_json}\n{composites}".encode()).hexdigest()[:10]
+
+
+def is_named_by_composites(config_name: str) -> bool:
+  """Whether an original-layout dataset (its config name) was built with splits drawn by name."""
+  return re.fullmatch(r".*_k[0-9a-f]{10}", config_name) is not None
 
 
 def original_manual_dir(data_dir: str) -> str:
@@ -184,8 +199,10 @@ class DmjaxOriginal(tfds.core.GeneratorBasedBuilder):
   config.data.original_layout."""
 
   def _info(self) -> tfds.core.DatasetInfo:
+    # The metadata lists the composites of each split as built (`COMPOSITES_KEY`): how an
+    # evaluation tells which composites are new since a run trained.
     return self.dataset_info_from_configs(features=_features(), disable_shuffling=True,
-                                          citation=_CITATION)
+                                          citation=_CITATION, metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
     config = self.builder_config
@@ -193,12 +210,25 @@ class DmjaxOriginal(tfds.core.GeneratorBasedBuilder):
     if config.root_name:
       root = os.path.join(root, config.root_name)
     layout = original_layout.OriginalLayout(root, config.layout)
+    names = tuple((c.key, c.bg.name) for c in layout.composites)
+    if not config.name.endswith(f"_k{layout_digest(config.layout_json, names)}"):
+      raise errors.UserError(f"{root}: its composites are not those of dataset {config.name} "
+                             "(changed since this run looked, or named for another folder); "
+                             "run again to build the dataset of what is there now")
     splits = original_layout.split_composites(layout.composites, config.split, config.test_fraction,
                                           config.split_seed)
-    return {name: self._generate_examples(layout, composites)
+    written = self.info.metadata.setdefault(COMPOSITES_KEY, {})
+    return {name: self._generate_examples(layout, composites, written.setdefault(name, []))
             for name, composites in splits.items()}
 
-  def _generate_examples(self, layout: original_layout.OriginalLayout, composites):
+  def _generate_examples(self, layout: original_layout.OriginalLayout, composites, written):
     for composite, encoded in progress.track(layout.encoded_examples(composites), "read photos",
                                              len(composites), unit="examples"):
+      written.append(composite.key)  # Those skip_bad skips are not in the dataset.
       yield composite.key, encoded
+
+
+def built_composites(builder: tfds.core.DatasetBuilder) -> dict[str, list[str]] | None:
+  """{split: names of its composites} of a built original-layout dataset, None for one built
+  before datasets recorded them."""
+  return builder.info.metadata.get(COMPOSITES_KEY) if builder.info.metadata is not None else None

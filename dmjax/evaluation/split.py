@@ -14,9 +14,9 @@ import ml_collections
 import numpy as np
 
 from dmjax import checkpoints, errors, files, models, parallel, progress, summaries, visualize
-from dmjax.data import pipeline
+from dmjax.data import original_layout, pipeline, sources
 from dmjax.data.schema import DEPTH_VALID_MIN
-from dmjax.evaluation import baselines, evaluator
+from dmjax.evaluation import baselines, evaluator, trained_data
 from dmjax.evaluation import metrics as metrics_lib
 
 
@@ -114,7 +114,7 @@ def evaluation_config(config: ml_collections.ConfigDict, *, data_dir: str = "",
   config = ml_collections.ConfigDict(config.to_dict())
   if data_dir:
     config.data.source = "original"
-    config.data.dir = data_dir
+    config.data.dir = os.path.abspath(data_dir)
   if tfds_dir is not None:
     config.data.tfds_dir = tfds_dir
   if batch_size:
@@ -130,25 +130,41 @@ class Evaluation:
   split: str
   metrics: dict[str, float]
   tally: ExampleTally
+  dataset: str = ""  # The built dataset evaluated (`builder/config`).
+  # How that differs from the data the run trained on (None: it does not, or is not known), and
+  # a note on which data was chosen, each said in one line.
+  data_change: trained_data.DataChange | None = None
+  data_note: str | None = None
+
+  def notes(self) -> list[str]:
+    return [n for n in (self.data_note, self.data_change and self.data_change.line()) if n]
 
   def to_json(self) -> dict:
     return {"workdir": os.path.abspath(self.workdir), "step": self.step, "split": self.split,
             "data": self.config.data.source, "data_dir": self.config.data.dir,
-            "num_examples": self.tally.num_seen, "rank_by": self.tally.error,
-            "metrics": self.metrics, **self.tally.ranks()}
+            "dataset": self.dataset, "num_examples": self.tally.num_seen,
+            "rank_by": self.tally.error, "metrics": self.metrics,
+            **({"data_change": self.data_change.to_json()} if self.data_change else {}),
+            **({"data_note": self.data_note} if self.data_note else {}),
+            **self.tally.ranks()}
 
 
 def evaluate_checkpoint(workdir: str, *, step: int | None = None, split: str = "test",
                         num_examples: int = -1, data_dir: str = "", tfds_dir: str | None = None,
                         batch_size: int | None = None, num_kept: int = 4,
                         rank_by: str = "combined") -> Evaluation:
-  """Restores a checkpoint and evaluates it and the baselines on `split`."""
+  """Restores a checkpoint and evaluates it and the baselines on `split`; says how the data
+  differs from what the run trained on (`trained_data`)."""
   if rank_by not in EXAMPLE_ERRORS:
     raise errors.UserError(f"rank_by={rank_by!r}: expected one of {sorted(EXAMPLE_ERRORS)}")
   saved_config, variables, step = checkpoints.restore_model(workdir, step)
   config = evaluation_config(saved_config, data_dir=data_dir, tfds_dir=tfds_dir,
                              batch_size=batch_size)
+  original_layout.scan.cache_clear()  # The data as it is now, not as this process last saw it.
+  trained_on = trained_data.trained_dataset(workdir, step)
+  config, data_note = trained_data.choose_config(config, saved_config, trained_on)
   pipeline.prepare(config)
+  data_change = trained_data.compare(config, trained_on, split)
   mesh = parallel.create_mesh()
   model = models.create_model(config.model)
 
@@ -174,7 +190,9 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, split: str = "
   _insert_after(baseline_results, "baseline_mask_iou_per_image", "baseline_mask_boundary_f",
                 baseline_tally.mean_boundary_f())
   return Evaluation(workdir=workdir, config=config, step=step, split=split,
-                    metrics={**results, **baseline_results}, tally=tally)
+                    metrics={**results, **baseline_results}, tally=tally,
+                    dataset=sources.get_source(config).name, data_change=data_change,
+                    data_note=data_note)
 
 
 def _insert_after(results: dict, after: str, key: str, value: float) -> None:
