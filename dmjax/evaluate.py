@@ -10,6 +10,10 @@ example of the split: the whole metric collection of `dmjax.evaluation.metrics`,
 `mask_boundary_f` (the per-image mean of `metrics.boundary_f_score`), and all of them again for
 the baselines (`baseline_` prefix).
 
+When the data is not the dataset the run trained on (its checkpoint names it), a line before
+the table says how they differ (`dmjax.evaluation.trained_data`): for the original layout, the
+composites new since and how many of the split's composites were the run's training ones.
+
 Written: the JSON (default WORKDIR/eval_SPLIT_STEP.json) with the metrics and the ranks of the
 worst and best examples; beside it a PNG contact sheet of those examples (the worst first; the
 columns of `visualize.example_grid`); TensorBoard scalars and the sheet under `evaluate/SPLIT/`
