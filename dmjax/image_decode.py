@@ -27,7 +27,7 @@ import contextlib
 import io
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from PIL import Image
 
@@ -122,13 +122,16 @@ def _read(source: str | bytes, what: str, max_bytes: int | None) -> bytes:
 
 
 def decode(source: str | bytes, what: str | None = None, *, max_pixels: int | None = None,
-           max_bytes: int | None = None) -> Image.Image:
+           max_bytes: int | None = None,
+           admit: Callable[[int, int], None] | None = None) -> Image.Image:
   """The photo in `source` (a path, or the file's bytes), its first frame's pixels decoded;
   `what` names it in errors (default: the path).
 
   Refuses more than `max_bytes` bytes before reading them and more than `max_pixels` pixels
   before decoding them (`ImageTooLarge`), and any format but `FORMATS` or a file that does not
-  decode (`UnreadableImage`). The image holds no open file: use it, or drop it, as you like.
+  decode (`UnreadableImage`). `admit(width, height)`, called once the header is read and
+  before the pixels are decoded, may refuse too (by raising). The image holds no open file: use
+  it, or drop it, as you like.
   """
   what = what or (source if isinstance(source, str) else "image")
   data = _read(source, what, max_bytes)
@@ -146,6 +149,12 @@ def decode(source: str | bytes, what: str | None = None, *, max_pixels: int | No
     image.close()
     raise ImageTooLarge(what, f"{width}×{height} is {width * height:,} pixels; at most "
                         f"{max_pixels:,} per photo")
+  if admit is not None:
+    try:
+      admit(width, height)
+    except BaseException:
+      image.close()
+      raise
   try:
     image.load()
   except DECODE_ERRORS as e:
@@ -156,12 +165,13 @@ def decode(source: str | bytes, what: str | None = None, *, max_pixels: int | No
 
 @contextlib.contextmanager
 def opened(source: str | bytes, what: str | None = None, *, max_pixels: int | None = None,
-           max_bytes: int | None = None) -> Iterator[Image.Image]:
+           max_bytes: int | None = None,
+           admit: Callable[[int, int], None] | None = None) -> Iterator[Image.Image]:
   """`decode` for a `with` block, closed after it; a failure in the block that comes of the
   file's contents (`DECODE_ERRORS`: the EXIF rotation of a damaged EXIF, say) is an
   `UnreadableImage` too, a `UserError` passes as it is."""
   what = what or (source if isinstance(source, str) else "image")
-  with decode(source, what, max_pixels=max_pixels, max_bytes=max_bytes) as image:
+  with decode(source, what, max_pixels=max_pixels, max_bytes=max_bytes, admit=admit) as image:
     try:
       yield image
     except errors.UserError:
