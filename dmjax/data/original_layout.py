@@ -329,7 +329,9 @@ def encode_png(array: np.ndarray) -> bytes:
   """PNG bytes of a (H, W, C) uint8 image or a (H, W, 1) uint16 one."""
   image = array[..., 0] if array.shape[-1] == 1 else array
   buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format="PNG")
+  # zlib level 1, not Pillow's 6: a third of the encoding time, files 15 % larger, the same
+  # pixels (PNG is lossless). Encoding was 15 % of the synthetic data build.
+  Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
   return buffer.getvalue()
 
 
