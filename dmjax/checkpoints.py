@@ -11,29 +11,41 @@ Orbax writes each checkpoint into a temporary folder and renames it when complet
 interrupted save (even by `kill -9`) never replaces or corrupts the last good one; the next start
 removes the leftover. Which steps are saved is orbax's decision (`save_policy`).
 
-Each step also records how many processes wrote it. A run with another number of processes
-restores the model and training state into its own devices, and continues the data at global
-batch `step` instead of restoring each process's iterator: every process's local batch k is its
-share of global batch k whatever their number, so the run sees the same examples in the same
-order as it would have. Only the order of floating-point sums across devices changes.
+Each step also records how many processes wrote it and how many examples of the training
+stream its run had used. A run with another number of processes restores the model and training
+state into its own devices, and continues the data at that example instead of restoring each
+process's iterator: every process's local batch k is its share of global batch k whatever their
+number, so the run sees the same examples in the same order as it would have (with another
+`batch_size` too, when the examples used fill whole batches of it; otherwise it refuses). Only the
+order of floating-point sums across devices changes.
+
+One run at a time writes a workdir: `hold_workdir` locks WORKDIR/run.lock for the run's life.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import socket
+from collections.abc import Iterator
 
 import grain.checkpoint as grain_checkpoint
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from dmjax import config as config_lib
 from dmjax import errors
 
 ITEMS = ("model", "train", "data", "config")
 PROCESS_COUNT_KEY = "dmjax_process_count"  # In each step's custom metadata.
+EXAMPLES_SEEN_KEY = "dmjax_examples_seen"  # Also: training examples used up to the step.
+LOCK_FILE = "run.lock"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -71,9 +83,11 @@ def create_manager(workdir: str, *, keep: int = 3, save_every: int = 0, save_on_
 
 
 def save(manager: ocp.CheckpointManager, step: int, *, model, config: ml_collections.ConfigDict,
-         train=None, data_iterator=None, force: bool = False) -> bool:
+         train=None, data_iterator=None, examples_seen: int | None = None,
+         force: bool = False) -> bool:
   """Saves `step` (asynchronously) if the manager's policy, or `force`, says so; returns whether
-  it did. Every process must call it with the same arguments."""
+  it did. Every process must call it with the same arguments. `examples_seen`: how many examples
+  of the training stream the run has used up to `step` (see `continue_data`)."""
   items = {"model": ocp.args.StandardSave(model),
            "config": ocp.args.JsonSave(json.loads(config.to_json()))}
   if train is not None:
@@ -82,14 +96,46 @@ def save(manager: ocp.CheckpointManager, step: int, *, model, config: ml_collect
     items["data"] = grain_checkpoint.CheckpointSave(data_iterator)
   # The number of processes that wrote the data iterator states: another number resumes by
   # position instead (see `restore`).
+  custom = {PROCESS_COUNT_KEY: jax.process_count()}
+  if examples_seen is not None:
+    custom[EXAMPLES_SEEN_KEY] = int(examples_seen)
   return manager.save(step, args=ocp.args.Composite(**items), force=force,
-                      custom_metadata={PROCESS_COUNT_KEY: jax.process_count()})
+                      custom_metadata=custom)
 
 
 def saved_process_count(manager: ocp.CheckpointManager, step: int) -> int | None:
   """How many processes wrote `step`, or None for checkpoints that do not say (older ones)."""
   custom = manager.metadata(step).custom_metadata or {}
   return custom.get(PROCESS_COUNT_KEY)
+
+
+def examples_seen(manager: ocp.CheckpointManager, step: int) -> int:
+  """How many examples of the training stream the run that saved `step` had used: recorded, or
+  for checkpoints that do not say, `step` batches of the batch size they were saved with."""
+  custom = manager.metadata(step).custom_metadata or {}
+  if EXAMPLES_SEEN_KEY in custom:
+    return int(custom[EXAMPLES_SEEN_KEY])
+  return step * restore_config(manager, step).batch_size
+
+
+def continue_data(manager: ocp.CheckpointManager, step: int, iterator, *,
+                  batch_size: int) -> int:
+  """Moves a training iterator (`seek(global_batch)`) to the first example the run that saved
+  `step` had not used, in global batches of `batch_size`; returns that batch's number.
+
+  For a run that cannot restore the iterators' states (another number of processes). When the
+  examples used do not fill whole batches of `batch_size`, continuing would skip or repeat some:
+  that is refused in one line.
+  """
+  seen = examples_seen(manager, step)
+  if seen % batch_size:
+    raise errors.UserError(
+        f"checkpoint {manager.directory}/{step}: its run had used {seen} training examples, "
+        f"which is not a whole number of batches of config.batch_size={batch_size}; resuming "
+        "would skip or repeat examples, so resume with a batch_size that divides it (such as "
+        f"the run's own, {restore_config(manager, step).batch_size})")
+  iterator.seek(seen // batch_size)
+  return seen // batch_size
 
 
 def _key_name(entry) -> str:
@@ -198,3 +244,52 @@ def save_imported_model(workdir: str, config: ml_collections.ConfigDict, variabl
   save(manager, 0, model=variables, config=config, force=True)
   manager.wait_until_finished()
   manager.close()
+
+
+def _read_holder(path: str) -> str:
+  try:
+    with open(path) as f:
+      return f.read().strip() or "a process that has not said who it is"
+  except OSError:
+    return "an unknown process"
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: str) -> Iterator[None]:
+  """Holds WORKDIR/run.lock while the block runs, so that a second run of the same workdir (a
+  requeued or duplicate job that overlaps a live one) refuses in one line instead of deleting
+  the live run's save in progress and writing steps beside it.
+
+  An OS lock (`flock`): the OS releases it when the holder ends, even by `kill -9`; NFS clients
+  forward it to the server, so it holds across hosts. Process 0 takes it for a multi-process run
+  and tells the others (every process must call this). A filesystem without locks (Lustre
+  mounted without `flock`, some FUSE mounts) is warned about and run without one.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+  fd, acquired = None, True
+  if jax.process_index() == 0:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+        acquired = False
+      else:
+        logging.warning("%s: cannot be locked (%s); nothing stops a second run of this workdir.",
+                        path, os.strerror(e.errno))
+    if acquired:
+      os.ftruncate(fd, 0)
+      os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    acquired = bool(multihost_utils.broadcast_one_to_all(np.int32(acquired)))
+  try:
+    if not acquired:
+      raise errors.UserError(f"{workdir} is in use by another run ({_read_holder(path)} holds "
+                             f"{path}); wait for it to end or stop it, or choose another workdir")
+    yield
+  finally:
+    if fd is not None:
+      os.close(fd)  # Releases the lock.

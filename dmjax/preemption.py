@@ -1,5 +1,7 @@
 """SIGTERM (what clusters send before they pre-empt a job or at its time limit) turned into one
-training step, the same on every process, at which the run saves a checkpoint and exits.
+training step, the same on every process, at which the run saves a checkpoint and exits with
+status 75 (EX_TEMPFAIL: try again), not 0: training is unfinished, and the launcher restarts it
+(Kubernetes' podFailurePolicy, SLURM's requeue in `launch/`). Re-running resumes from that step.
 
 Several processes (`jax.distributed`): JAX's pre-emption sync manager owns SIGTERM. Its notifier
 catches the signal on any process, the coordination service tells the others, and together they
@@ -20,11 +22,23 @@ ends the process as usual), and the next step that asks stops there.
 
 from __future__ import annotations
 
+import os
 import signal
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+EXIT_STATUS = os.EX_TEMPFAIL  # 75: the status of a pre-empted run, which a re-run resumes.
+
+
+class Preempted(Exception):
+  """Training saved `step` after SIGTERM and stopped there, unfinished."""
+
+  def __init__(self, step: int):
+    super().__init__(f"pre-empted: saved step {step} after SIGTERM; re-run the same command to "
+                     "resume")
+    self.step = step
 
 
 class StopSignal:

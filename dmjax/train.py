@@ -133,7 +133,10 @@ def train_step(state: TrainState, batch, *, model, tx, loss_config, preprocess=N
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             batch_stats=batch_stats, opt_state=opt_state)
-  return new_state, dict(terms, grad_norm=optax.global_norm(grads))
+  # The loss and gradient are those of the parameters before the update; the norm of those after
+  # it says whether the state a save would write is finite (`check_finite`).
+  return new_state, dict(terms, grad_norm=optax.global_norm(grads),
+                         param_norm=optax.global_norm(new_state.params))
 
 
 def make_train_step(model, tx, loss_config, mesh, preprocess=None):
@@ -198,11 +201,13 @@ def warn_about_config_changes(saved: ml_collections.ConfigDict,
 
 
 def check_finite(history: list[tuple[int, dict]]) -> None:
+  """Raises at the first step whose loss terms, gradient or updated parameters (`param_norm`)
+  are not finite. Run on every step up to a save before it: no saved state is non-finite."""
   for step, terms in history:
     if not all(math.isfinite(v) for v in terms.values()):
       shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-      raise errors.NonFiniteLossError(f"non-finite loss at step {step}: {shown}; stopping, the "
-                                      "last checkpoint is left as it was")
+      raise errors.NonFiniteLossError(f"non-finite loss or parameters at step {step}: {shown}; "
+                                      "stopping, the last checkpoint is left as it was")
 
 
 @jax.jit
@@ -247,9 +252,18 @@ def is_due(step: int, every: int) -> bool:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict:
-  """Trains (resuming from the workdir's latest checkpoint) and returns the final metrics."""
+  """Trains (resuming from the workdir's latest checkpoint) and returns the final metrics.
+
+  Raises `preemption.Preempted` when SIGTERM stopped it after saving a step. One run at a time
+  may write a workdir (`checkpoints.hold_workdir`).
+  """
   config_lib.validate(config)
   config = sources.with_absolute_data_dir(config)  # As saved: evaluate finds it from anywhere.
+  with checkpoints.hold_workdir(workdir):
+    return _train_and_evaluate(config, workdir, writer=writer)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, writer) -> dict:
   # CLU's writers and periodic actions, with or without TensorFlow (dmjax.summaries).
   summaries.metric_writers()
   from clu import periodic_actions  # noqa: PLC0415
@@ -271,22 +285,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
                          parallel.replicated(mesh))
   train_iter = pipeline.create_train_iterator(config)
 
+  examples_at_start = 0  # Of the training stream, used before this run's first step.
   if latest is not None:
     model_item, train_item, data_restored = checkpoints.restore(
         manager, latest, model=state.variables, train=split_state(state)[1],
         data_iterator=train_iter, sharding=parallel.replicated(mesh))
     state = join_state(model_item, train_item)
     warn_about_config_changes(checkpoints.restore_config(manager, latest), config)
+    examples_at_start = checkpoints.examples_seen(manager, latest)
     if not data_restored:
       # Written by another number of processes (or does not say). Local batch k of every process
       # is its share of global batch k whatever their number, so the stream continues with the
       # same examples.
       saved_by = checkpoints.saved_process_count(manager, latest)
+      next_batch = checkpoints.continue_data(manager, latest, train_iter,
+                                             batch_size=config.batch_size)
       logging.info("The checkpoint was saved by a run of %s process(es), this one has %d: "
                    "continuing the data at global batch %d.",
                    "an unrecorded number of" if saved_by is None else saved_by,
-                   jax.process_count(), latest)
-      train_iter.seek(latest)
+                   jax.process_count(), next_batch)
     logging.info("Resumed from %s at step %d.", manager.directory, latest)
   elif config.init_from:
     state = load_previous_stage(state, config)
@@ -355,12 +372,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, write
         model_item, train_item = split_state(state)
         # Forced only for a single process's own SIGTERM, which orbax's policy does not see.
         checkpoints.save(manager, step, model=model_item, train=train_item, config=config,
-                         data_iterator=_FrozenIterator(train_batches), force=stopping)
+                         data_iterator=_FrozenIterator(train_batches), force=stopping,
+                         examples_seen=examples_at_start
+                         + (step - initial_step) * config.batch_size)
       if stopping:
         manager.wait_until_finished()
         logging.warning("Saved step %d after SIGTERM; re-run the same command to resume.", step)
         writer.flush()
-        return {}
+        raise preemption.Preempted(step)
   finally:
     stop.close()
     train_iter.close()  # Its worker processes, if any, are not needed for evaluation.

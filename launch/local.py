@@ -7,7 +7,9 @@ For testing multi-host code on one machine (add `--cpu_devices_per_process=2` to
 process 2 CPU devices), and for multi-GPU boxes with one process per GPU (`--gpus_per_process=1`
 sets CUDA_VISIBLE_DEVICES for each). Each process gets DMJAX_DISTRIBUTED=1 and its coordinator
 address, process count and index in DMJAX_* variables (see dmjax/parallel.py). If one process
-fails, the others are stopped and this launcher exits with the failing status.
+fails, the others are stopped and this launcher exits with the failing status. SIGTERM is passed
+on to every process; pre-empted, they save one step together and each exits with status 75, which
+this launcher then exits with too (re-run the same command to resume).
 """
 
 import argparse
@@ -18,11 +20,21 @@ import subprocess
 import sys
 import time
 
+PREEMPTED = 75  # dmjax.preemption.EXIT_STATUS: saved after SIGTERM; the others are saving too.
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+
+def reserve_port() -> socket.socket:
+  """A socket bound to a free localhost port, held until the run ends.
+
+  Closing it before the coordinator binds the port would let another program take the port in
+  between. The coordinator (gRPC) binds with SO_REUSEPORT, as this socket does, so it can bind
+  beside it; a socket that never listens receives no connections, and other programs, which
+  bind without SO_REUSEPORT or ask the system for any free port, are kept off the port.
+  """
+  s = socket.socket()
+  s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+  s.bind(("localhost", 0))
+  return s
 
 
 def main() -> int:
@@ -38,7 +50,8 @@ def main() -> int:
   if not command:
     parser.error("no command given after --")
 
-  address = f"localhost:{free_port()}"
+  reservation = reserve_port()
+  address = f"localhost:{reservation.getsockname()[1]}"
   processes = []
   for index in range(args.num_processes):
     env = dict(os.environ, DMJAX_DISTRIBUTED="1", DMJAX_COORDINATOR_ADDRESS=address,
@@ -66,8 +79,10 @@ def main() -> int:
       if code is None:
         continue
       processes.remove(p)
-      if code != 0 and status == 0:
+      if code != 0 and status in (0, PREEMPTED):
         status = code
+        if code == PREEMPTED:
+          continue  # The others have saved the same step and are exiting too.
         print(f"launch/local.py: process {p.pid} exited with {code}; stopping the others",
               file=sys.stderr)
         for other in processes:
@@ -75,6 +90,7 @@ def main() -> int:
           # a run that has lost one cannot do.
           other.kill()
     time.sleep(0.2)
+  reservation.close()
   return status
 
 

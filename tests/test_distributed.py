@@ -1,11 +1,18 @@
 """Multi-process training on one machine: 2 processes × 2 CPU devices, gloo collectives."""
 
+import glob
+import json
+import math
+import os
 import signal
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 from conftest import (
+  copy_of,
   kill_all,
   main_command,
   relative_update_difference,
@@ -14,7 +21,7 @@ from conftest import (
   write_config,
 )
 
-from dmjax import checkpoints
+from dmjax import checkpoints, models, parallel, train
 
 pytestmark = pytest.mark.slow
 
@@ -24,21 +31,87 @@ def distributed_config(one_device_run):
   return one_device_run[0]
 
 
-def test_two_processes_match_one_process_and_restore_in_one(one_device_run, tmp_path):
+# For runs of programs an earlier run of this session compiled: only process 0 writes the
+# persistent compilation cache, under keys of its own, so process 0 would load them while process
+# 1 compiles for a minute or more on a loaded machine, and process 0 would give up waiting for it
+# in the first collective (gloo's 30 s). Without the cache both compile, and start together.
+SAME_START = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
+
+
+def restore_everything(config, workdir, step):
+  """(model, train) items of a checkpoint, restored on this process's one device, and the global
+  batch its data continues at on a process count that cannot restore the saved iterators."""
+  state = train.create_train_state(config, models.create_model(config.model),
+                                   train.create_optimizer(config), jax.random.PRNGKey(0))
+  manager = checkpoints.create_manager(str(workdir), read_only=True, async_save=False)
+
+  class Seek:
+    def seek(self, batch):
+      self.batch = batch
+
+  iterator = Seek()
+  model_item, train_item, _ = checkpoints.restore(
+      manager, step, model=state.variables, train=train.split_state(state)[1],
+      sharding=parallel.replicated(parallel.create_mesh()))
+  checkpoints.continue_data(manager, step, iterator, batch_size=config.batch_size)
+  manager.close()
+  return jax.tree.map(np.asarray, model_item), jax.tree.map(np.asarray, train_item), (
+      iterator.batch)
+
+
+def relative_difference(first, second) -> float:
+  first, second = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+                   for t in (first, second))
+  return float(np.linalg.norm(first - second) / np.linalg.norm(first))
+
+
+def test_two_processes_match_one_process_resume_on_two_and_restore_in_one(one_device_run,
+                                                                          tmp_path):
+  """Two processes train 2 steps, then resume on two (each process restoring its own iterator)
+  for a third: the result matches one process's 3 steps, model, optimizer state and data
+  position, and a single process restores all three."""
   config, single = one_device_run
   multi = tmp_path / "multi"
-  returncode, stderr = run_group(
-      [sys.executable, "launch/local.py", "--num_processes=2", "--cpu_devices_per_process=2",
-       "--", *main_command(write_config(tmp_path, config), multi)])
-  assert returncode == 0, stderr[-3000:]
 
-  # One checkpoint, written together by both processes, that a single process restores.
-  _, one, step = checkpoints.restore_model(single)
-  _, two, step_two = checkpoints.restore_model(str(multi))
-  assert step == step_two == 3
-  difference = relative_update_difference(config, one, two)
+  def launch(num_train_steps: int) -> str:
+    directory = tmp_path / f"config{num_train_steps}"
+    directory.mkdir()
+    returncode, stderr = run_group(
+        [sys.executable, "launch/local.py", "--num_processes=2", "--cpu_devices_per_process=2",
+         "--", *main_command(write_config(directory, copy_of(config, num_train_steps=
+                                                             num_train_steps)), multi)],
+        env=SAME_START)
+    assert returncode == 0, stderr[-3000:]
+    return stderr
+
+  launch(2)
+  resumed = launch(3)
+  assert resumed.count(f"Resumed from {multi}/checkpoints at step 2") == 2, resumed[-3000:]
+  assert "continuing the data at global batch" not in resumed  # Both restored their own.
+  for index in range(2):
+    with open(multi / "checkpoints" / "3" / "data" / f"process_{index}-of-2.json") as f:
+      state = json.load(f)
+    assert (state["next_batch"], state["process_index"], state["batch_size"]) == (3, index, 2)
+
+  # One checkpoint, written together by both processes, that a single process restores: the
+  # model, the optimizer state and the data position.
+  one_model, one_train, one_batch = restore_everything(config, single, 3)
+  two_model, two_train, two_batch = restore_everything(config, multi, 3)
+  difference = relative_update_difference(config, one_model, two_model)
   assert difference < 1e-3, difference
-  assert (multi / "final_metrics.json").exists()  # Written once, by process 0.
+  assert int(one_train["step"]) == int(two_train["step"]) == 3
+  np.testing.assert_array_equal(one_train["rng"], two_train["rng"])
+  difference = relative_difference(one_train["opt_state"], two_train["opt_state"])
+  assert 0 < difference < 1e-3, difference  # SGD's momentum: the gradients' running sum.
+  assert one_batch == two_batch == 3
+
+  # The final metrics, evaluation and TensorBoard files are written once, by process 0.
+  assert resumed.count("Final held-out metrics") == 1
+  with open(multi / "final_metrics.json") as f:
+    metrics = json.load(f)
+  assert metrics and all(math.isfinite(v) for v in metrics.values())
+  events = glob.glob(f"{multi}/events.out.tfevents.*")
+  assert len(events) == 2, events  # One per launch.
 
 
 def test_a_dead_process_makes_the_other_fail_fast(distributed_config, tmp_path):

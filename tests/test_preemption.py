@@ -30,7 +30,7 @@ from conftest import (
     write_config,
 )
 
-from dmjax import checkpoints
+from dmjax import checkpoints, preemption
 
 pytestmark = pytest.mark.slow
 
@@ -84,8 +84,9 @@ def test_sigterm_to_every_process_saves_one_agreed_step_and_resumes_exactly_on_o
     reference, tmp_path):
   """Two processes start from no built data and from step 20 of the reference (written by one
   process). SIGTERM reaches each at its own random moment, as SLURM sends it: both save the same
-  step and exit 0, having built and predecoded the data once. Resumed on one process, the run
-  ends exactly where the uninterrupted one does."""
+  step and exit with status 75 (pre-empted, unfinished), having built and predecoded the data
+  once. Resumed on one process from that step, the run ends exactly where the uninterrupted one
+  does."""
   config, reference_workdir = reference
   # Saving every step keeps the run from reaching its end before the processes agree to stop,
   # however fast the machine, and puts a save in progress wherever the signal lands.
@@ -95,7 +96,9 @@ def test_sigterm_to_every_process_saves_one_agreed_step_and_resumes_exactly_on_o
   shutil.copytree(reference_workdir / "checkpoints" / "20", workdir / "checkpoints" / "20")
   logs = tmp_path / "logs"
   logs.mkdir()
-  processes = start_processes(main_command(config_path, workdir), 2, logs, devices=1)
+  # Without the persistent compilation cache, as in test_distributed (SAME_START there).
+  processes = start_processes(main_command(config_path, workdir), 2, logs, devices=1,
+                              JAX_ENABLE_COMPILATION_CACHE="false")
   try:
     wait_for(lambda: "step 21/" in read(logs / "process0.log"), processes, 400, "training")
     for process in processes:
@@ -106,11 +109,15 @@ def test_sigterm_to_every_process_saves_one_agreed_step_and_resumes_exactly_on_o
   finally:
     kill_all(processes)
   texts = [read(logs / f"process{i}.log") for i in range(2)]
-  assert [p.returncode for p in processes] == [0, 0], texts[0][-3000:] + texts[1][-3000:]
+  assert [p.returncode for p in processes] == [preemption.EXIT_STATUS] * 2 == [75, 75], (
+      texts[0][-3000:] + texts[1][-3000:])
   saved = [re.findall(r"Saved step (\d+) after SIGTERM", text) for text in texts]
   assert saved[0] == saved[1] and len(saved[0]) == 1, saved
   stopped_at = int(saved[0][0])
   assert 20 < stopped_at < NUM_STEPS and saved_steps(workdir)[-1] == stopped_at
+  manager = checkpoints.create_manager(str(workdir), read_only=True, async_save=False)
+  assert checkpoints.examples_seen(manager, stopped_at) == stopped_at * config.batch_size
+  manager.close()
   for text in texts:
     assert "a run of 1 process(es), this one has 2: continuing the data at global batch 20" in text
   # One process built the dataset and predecoded its training split, the other waited for it.
@@ -120,6 +127,7 @@ def test_sigterm_to_every_process_saves_one_agreed_step_and_resumes_exactly_on_o
 
   returncode, stderr = run_group(main_command(config_path, workdir), env=cpu_env(2))
   assert returncode == 0, stderr[-3000:]
+  assert f"Resumed from {workdir}/checkpoints at step {stopped_at}." in stderr
   assert ("a run of 2 process(es), this one has 1: continuing the data at global batch "
           f"{stopped_at}") in stderr
   assert_same_final_variables(workdir, reference_workdir)
@@ -129,7 +137,7 @@ def test_sigterm_to_the_process_group_then_kill_9_twice_resumes_bit_identically(
     one_device_run, reference, tmp_path):
   """One process with a grain worker, interrupted three times, each time re-run with the same
   command: SIGTERM to its whole process group at a random moment (as clusters send it, workers
-  included), which saves and exits 0; `kill -9` at a random moment; `kill -9` while an
+  included), which saves and exits with 75; `kill -9` at a random moment; `kill -9` while an
   asynchronous save is being written. The last run ends exactly where the uninterrupted one
   does."""
   config = run_config(one_device_run, checkpoint_every_steps=3, **{"data.num_workers": 1})
@@ -150,7 +158,7 @@ def test_sigterm_to_the_process_group_then_kill_9_twice_resumes_bit_identically(
     wait_for(lambda: "step 2/" in read(log), [process], 400, "training")
     time.sleep(random.uniform(0, 0.5))
     os.killpg(process.pid, signal.SIGTERM)
-    assert process.wait(timeout=300) == 0, read(log)[-3000:]
+    assert process.wait(timeout=300) == preemption.EXIT_STATUS, read(log)[-3000:]
     stopped_at = int(re.findall(r"Saved step (\d+) after SIGTERM", read(log))[0])
     assert saved_steps(workdir)[-1] == stopped_at < NUM_STEPS
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import copy_of, relative_update_difference
 from conftest import tiny_run_config as tiny
 
-from dmjax import checkpoints, errors, summaries, train
+from dmjax import checkpoints, errors, preemption, summaries, train
 
 metric_writers = summaries.metric_writers()  # CLU's, importable without TensorFlow too.
 
@@ -110,8 +110,8 @@ def test_sigterm_between_checkpoints_saves_where_it_stops_and_resumes_bit_identi
   workdir = str(tmp_path)
   interrupted = tiny(config, log_every_steps=1, checkpoint_every_steps=5)
   writer = RecordingWriter(sigterm_at_step=3)
-  with caplog.at_level(logging.WARNING):
-    assert train.train_and_evaluate(interrupted, workdir, writer=writer) == {}
+  with caplog.at_level(logging.WARNING), pytest.raises(preemption.Preempted, match="step 4"):
+    train.train_and_evaluate(interrupted, workdir, writer=writer)
   assert "Saved step 4 after SIGTERM" in caplog.text
   assert max(writer.scalars) == 4
   assert sorted(int(os.path.basename(p)) for p in glob.glob(f"{workdir}/checkpoints/[0-9]*")) == [4]
@@ -176,13 +176,21 @@ def test_checkpoint_of_another_model_is_refused(trained, tiny_data_config):
     train.train_and_evaluate(config, workdir, writer=RecordingWriter())
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_data_config, tmp_path):
-  config = tiny(tiny_data_config, num_train_steps=40, checkpoint_every_steps=1,
-                **{"optimizer.name": "sgd", "optimizer.learning_rate": 1e12,
-                   "optimizer.grad_clip_norm": 0.0, "optimizer.schedule": "step"})
-  with pytest.raises(errors.NonFiniteLossError, match=r"non-finite loss at step \d+: .*mask_bce="):
+def test_non_finite_update_stops_before_it_is_saved_and_keeps_the_step_before(
+    tiny_data_config, tmp_path):
+  # SGD whose rate turns infinite at step 3: that step's loss and gradient (of step 2's
+  # parameters) are finite, the parameters it makes are not. Step 3, a checkpoint step, must not
+  # be saved: step 2 stays the last checkpoint.
+  config = tiny(tiny_data_config, num_train_steps=6, checkpoint_every_steps=1,
+                **{"optimizer.name": "sgd", "optimizer.learning_rate": 0.05,
+                   "optimizer.grad_clip_norm": 0.0, "optimizer.schedule": "step",
+                   "optimizer.step_every": 2, "optimizer.step_factor": float("inf")})
+  with pytest.raises(errors.NonFiniteLossError,
+                     match=r"at step 3: .*grad_norm=[0-9.e+-]+, .*param_norm=(inf|nan), "
+                           r"total=[0-9.e+-]+;"):
     train.train_and_evaluate(config, str(tmp_path), writer=RecordingWriter())
   _, variables, step = checkpoints.restore_model(str(tmp_path))
+  assert step == 2
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
 
 
