@@ -161,7 +161,7 @@ def test_one_training_step_with_the_models_own_recipe(name):
                                   "depth_sobel_edge"},
                     "u2netp_dual": {"mask_bce", "depth_bce", "side_bce"},
                     "two_stage": {"mask_bce", "mask_dice", "depth_hu"}}[name]
-  assert set(terms) == expected_terms | {"total", "grad_norm"}
+  assert set(terms) == expected_terms | {"total", "grad_norm", "param_norm"}
   assert all(np.isfinite(float(v)) for v in terms.values())
   assert int(new_state.step) == 1
   changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
