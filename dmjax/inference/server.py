@@ -90,7 +90,7 @@ from starlette.routing import Route
 
 from dmjax import errors, files, image_decode, progress
 from dmjax.inference import outputs, photos
-from dmjax.inference.predictor import Prediction, Predictor, image_size
+from dmjax.inference.predictor import Prediction, Predictor, image_size, split_batches
 
 PNG_KINDS = (*photos.OUTPUT_KINDS, "overlay", "cutout", "replace_bg")
 FORMATS = ("json", *PNG_KINDS)
@@ -148,18 +148,6 @@ class _Job:
   bg: np.ndarray
   fg_bg: np.ndarray
   future: concurrent.futures.Future
-
-
-def split_batches(count: int, limit: int) -> list[int]:
-  """Batch sizes for `count` pairs of one size, at most `limit` a call: `limit` while that many
-  remain, then the largest powers of two (20, 8 → 8 8 4; 7, 8 → 4 2 1). Few distinct sizes, so
-  few compiled programs, and no call runs padding."""
-  sizes = []
-  while count > 0:
-    size = limit if count >= limit else 1 << (count.bit_length() - 1)
-    sizes.append(size)
-    count -= size
-  return sizes
 
 
 class ModelWorker:
