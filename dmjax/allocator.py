@@ -4,7 +4,7 @@ XLA's CPU runtime frees and allocates buffers of tens of MiB at every training s
 malloc returns every block over its mmap threshold (32 MiB at most, whatever its tuning knobs
 say) to the kernel when it is freed, and the next step faults the same memory in again, page by
 page: on the default run that was a fifth of all CPU time spent in the kernel (docs/benchmarks.md,
-"The allocator"). An allocator that keeps freed memory for reuse removes that cost.
+"The main job and its allocator"). An allocator that keeps freed memory removes that cost.
 
 So a dmjax command (`python -m dmjax.X`, or a `dmjax-X` script) re-executes itself once, before
 any work, with such an allocator in `LD_PRELOAD`. `DMJAX_ALLOCATOR` chooses it:
@@ -48,7 +48,8 @@ class Allocator:
   settings: tuple[tuple[str, str], ...] = ()
 
 
-# In order of preference, as measured on the default run (docs/benchmarks.md, "The allocator").
+# In order of preference (docs/benchmarks.md, "The main job and its allocator"): mimalloc first,
+# the one that installs from the package index everywhere.
 PREFERENCE = (
     Allocator("mimalloc", "libmimalloc", wheel=("cmeel-mimalloc", "cmeel.prefix/lib"),
               settings=(("MIMALLOC_PURGE_DELAY", "-1"),)),
