@@ -210,6 +210,10 @@ def start_processes(command, num_processes: int, log_dir, devices: int = 2, **en
   launch/local.py does, `devices` CPU devices each; process i logs to log_dir/process{i}.log
   (a file: an unread pipe fills up and blocks the writer). Returns their Popen objects; the
   caller must kill what is still running when it is done (`kill_all`)."""
+  # Only process 0 writes the persistent compilation cache, under keys of its own: with programs
+  # an earlier test compiled, process 0 would load them while process 1 compiles for minutes on
+  # a loaded machine, and process 0 would give up waiting in the first collective (gloo's 30 s).
+  env_variables.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
