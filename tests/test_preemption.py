@@ -96,9 +96,7 @@ def test_sigterm_to_every_process_saves_one_agreed_step_and_resumes_exactly_on_o
   shutil.copytree(reference_workdir / "checkpoints" / "20", workdir / "checkpoints" / "20")
   logs = tmp_path / "logs"
   logs.mkdir()
-  # Without the persistent compilation cache, as in test_distributed (SAME_START there).
-  processes = start_processes(main_command(config_path, workdir), 2, logs, devices=1,
-                              JAX_ENABLE_COMPILATION_CACHE="false")
+  processes = start_processes(main_command(config_path, workdir), 2, logs, devices=1)
   try:
     wait_for(lambda: "step 21/" in read(logs / "process0.log"), processes, 400, "training")
     for process in processes:
